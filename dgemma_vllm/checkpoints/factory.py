@@ -1,0 +1,406 @@
+"""Random-weight DiffusionGemma checkpoints in the exact release layout.
+
+No real weights can be downloaded where this project is built and tested, so every test,
+demo and benchmark runs on checkpoints written here. They are written by `transformers`
+itself (``DiffusionGemmaConfig`` / ``DiffusionGemmaForBlockDiffusion`` and
+``save_pretrained``), so the file layout is the release's: tied keys absent, both
+``layer_scalar`` copies present, ``canvas_length`` at the top of ``config.json``, optional
+sharding.  Beside the weights go ``generation_config.json`` (EOS/pad ids and the sampler
+defaults) and a byte-level BPE tokenizer built with ``tokenizers`` that carries a chat
+template.
+
+The same backbone geometry can also be written as an autoregressive Gemma 4 checkpoint
+(``Gemma4ForCausalLM``) for side-by-side comparisons.
+
+Random weights are drawn with a larger spread than the library's initialiser and the
+norm weights, router scales and the two ``layer_scalar`` copies are perturbed away from 1,
+so that a parity test can see a mistake such as ``1 + w`` instead of ``w`` or the encoder
+and decoder scalars swapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+S, F = "sliding_attention", "full_attention"
+
+PAD_ID, EOS_ID, BOS_ID, SOT_ID, EOT_ID = 0, 1, 2, 3, 4
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Sampler defaults of the released generation_config.json (semantics sheet, section C).
+SAMPLER_DEFAULTS = dict(
+    max_denoising_steps=48,
+    entropy_bound=0.1,
+    t_min=0.4,
+    t_max=0.8,
+    stability_threshold=1,
+    confidence_threshold=0.005,
+)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Text-backbone geometry (the vision tower is always a small stub: image input is out of scope)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    global_head_dim: int
+    num_global_key_value_heads: int
+    sliding_window: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    canvas_length: int
+    layer_types: tuple[str, ...] | None = None  # None: the release's 5 sliding : 1 full pattern
+    max_position_embeddings: int = 8192
+    init_std: float = 0.02
+    perturb: float = 0.0  # spread of norm weights / scales / layer scalars around 1
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+GEOMETRIES: dict[str, Geometry] = {
+    # Seconds on CPU. Both layer types, GQA, a window far below the prompts used in tests.
+    "tiny": Geometry(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+        num_global_key_value_heads=1, sliding_window=16, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32, canvas_length=16, layer_types=(S, F, S, F),
+        init_std=0.1, perturb=0.25, note="unit tests and the demo",
+    ),
+    # Second small geometry: the release's 5:1 layer pattern, more heads, odd-ish sizes.
+    "small": Geometry(
+        vocab_size=1024, hidden_size=96, intermediate_size=192, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, global_head_dim=48,
+        num_global_key_value_heads=1, sliding_window=32, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=48, canvas_length=32, init_std=0.1, perturb=0.25,
+        note="second parity geometry (5 sliding : 1 full)",
+    ),
+    # CPU benchmarks: 6 sliding + 2 full layers, realistic head dims and a 256-token canvas.
+    "medium": Geometry(
+        vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=128, global_head_dim=256,
+        num_global_key_value_heads=1, sliding_window=512, num_experts=16, top_k_experts=2,
+        moe_intermediate_size=256, canvas_length=256, layer_types=(S, S, S, F, S, S, S, F),
+        init_std=0.05, perturb=0.1, note="CPU benchmarks",
+    ),
+    # google/diffusiongemma-26B-A4B-it as published (semantics sheet, section F). Config only.
+    "full": Geometry(
+        vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+        num_global_key_value_heads=2, sliding_window=1024, num_experts=128, top_k_experts=8,
+        moe_intermediate_size=704, canvas_length=256, max_position_embeddings=262144,
+        note="full 26B-A4B geometry; config only (about 51.6 GB of bf16 weights)",
+    ),
+}
+
+
+def get_geometry(name_or_geometry: str | Geometry, **overrides) -> Geometry:
+    if isinstance(name_or_geometry, Geometry):
+        geo = name_or_geometry
+    else:
+        if name_or_geometry not in GEOMETRIES:
+            raise ValueError(
+                f"geometry must be one of {sorted(GEOMETRIES)}, got {name_or_geometry!r}"
+            )
+        geo = GEOMETRIES[name_or_geometry]
+    return replace(geo, **overrides) if overrides else geo
+
+
+def _layer_types(geo: Geometry) -> list[str]:
+    if geo.layer_types is not None:
+        return list(geo.layer_types)
+    return [S if (i + 1) % 6 else F for i in range(geo.num_hidden_layers)]
+
+
+def text_config_kwargs(geo: Geometry) -> dict:
+    return dict(
+        vocab_size=geo.vocab_size,
+        hidden_size=geo.hidden_size,
+        intermediate_size=geo.intermediate_size,
+        num_hidden_layers=geo.num_hidden_layers,
+        num_attention_heads=geo.num_attention_heads,
+        num_key_value_heads=geo.num_key_value_heads,
+        head_dim=geo.head_dim,
+        global_head_dim=geo.global_head_dim,
+        num_global_key_value_heads=geo.num_global_key_value_heads,
+        sliding_window=geo.sliding_window,
+        layer_types=_layer_types(geo),
+        num_experts=geo.num_experts,
+        top_k_experts=geo.top_k_experts,
+        moe_intermediate_size=geo.moe_intermediate_size,
+        max_position_embeddings=geo.max_position_embeddings,
+        initializer_range=geo.init_std,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        **geo.extra,
+    )
+
+
+def _vision_config() -> dict:
+    # A one-layer stub: the release carries a vision tower, the plugin skips it (text only).
+    return dict(
+        model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
+        position_embedding_size=64, pooling_kernel_size=2,
+    )
+
+
+def diffusion_config(geo: Geometry, with_vision: bool = True):
+    from transformers import DiffusionGemmaConfig
+
+    return DiffusionGemmaConfig(
+        text_config=text_config_kwargs(geo),
+        vision_config=_vision_config() if with_vision else None,
+        canvas_length=geo.canvas_length,
+        tie_word_embeddings=True,
+        architectures=["DiffusionGemmaForBlockDiffusion"],
+    )
+
+
+def generation_config(geo: Geometry, **sampler_overrides):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    s = {**SAMPLER_DEFAULTS, **sampler_overrides}
+    return DiffusionGemmaGenerationConfig(
+        max_new_tokens=256,
+        max_denoising_steps=s["max_denoising_steps"],
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(s["entropy_bound"])),
+        t_min=s["t_min"],
+        t_max=s["t_max"],
+        stability_threshold=s["stability_threshold"],
+        confidence_threshold=s["confidence_threshold"],
+        bos_token_id=BOS_ID,
+        pad_token_id=PAD_ID,
+        eos_token_id=[EOS_ID, EOT_ID],
+    )
+
+
+# ----------------------------------------------------------------------------- tokenizer
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A diffusion language model refines a whole block
+of tokens at once instead of writing one token after another. Each canvas starts as noise and
+becomes text after a few denoising steps; then it is committed and the next canvas begins.
+Servers batch many requests together, share memory in pages and stream the answer back.
+What is the capital of France? Paris is the capital of France. Tell me a story about a robot
+who learns to paint. Once upon a time there was a small robot that loved the colours of the sea.
+Write a poem about the moon. Explain how a transformer works in simple words. Numbers 0 1 2 3 4
+5 6 7 8 9 10 100 1000. def hello(): return "world"  # code, too. Question: why is the sky blue?
+Answer: because air scatters blue light more than red light. Thank you! You are welcome.
+"""
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on a small embedded corpus, padded to `vocab_size`
+    with ``<unused_k>`` entries so that every model id decodes to something."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    target = min(vocab_size, 2048)
+    trainer = trainers.BpeTrainer(
+        vocab_size=target,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    data = json.loads(tok.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet + specials ({len(vocab)})")
+    k = 0
+    while len(vocab) < vocab_size:
+        vocab[f"<unused_{k}>"] = len(vocab)
+        k += 1
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert vocab[t] == i, (t, vocab[t])
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def save_tokenizer(out: Path, vocab_size: int) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(vocab_size),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- weights
+def _perturb_(model, geo: Geometry, seed: int) -> None:
+    """Move norm weights, router scales and the layer scalars away from 1 (deterministically)."""
+    import torch
+
+    if geo.perturb <= 0:
+        return
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if name.endswith("layer_scalar") or "norm.weight" in name or name.endswith(
+                ("router.scale", "router.per_expert_scale")
+            ):
+                noise = (torch.rand(t.shape, generator=g) * 2 - 1) * geo.perturb
+                t.copy_((1.0 + noise).to(t.dtype))
+
+
+def make_diffusion_checkpoint(
+    out_dir: str | os.PathLike,
+    geometry: str | Geometry = "tiny",
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    config_only: bool = False,
+    sampler_overrides: dict | None = None,
+    **geometry_overrides,
+) -> Path:
+    """Write a random-weight DiffusionGemma checkpoint (config, generation config, tokenizer,
+    weights) to `out_dir` and return its path."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    geo = get_geometry(geometry, **geometry_overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = diffusion_config(geo)
+    gen = generation_config(geo, **(sampler_overrides or {}))
+    if config_only:
+        cfg.save_pretrained(out)
+        gen.save_pretrained(out)
+    else:
+        torch.manual_seed(seed)
+        model = DiffusionGemmaForBlockDiffusion(cfg)
+        _perturb_(model, geo, seed)
+        model = model.to(getattr(torch, dtype))
+        model.generation_config = gen
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(out, **kwargs)
+        gen.save_pretrained(out)
+    save_tokenizer(out, geo.vocab_size)
+    (out / "dgemma_geometry.json").write_text(json.dumps(asdict(geo), indent=2))
+    return out
+
+
+def make_autoregressive_checkpoint(
+    out_dir: str | os.PathLike,
+    geometry: str | Geometry = "tiny",
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    config_only: bool = False,
+    **geometry_overrides,
+) -> Path:
+    """Write the autoregressive Gemma 4 (`Gemma4ForCausalLM`) checkpoint of the same backbone
+    geometry: MoE block on, k_eq_v full layers, no per-layer embeddings, softcap 30."""
+    import torch
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig, GenerationConfig
+
+    geo = get_geometry(geometry, **geometry_overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = text_config_kwargs(geo)
+    cfg = Gemma4TextConfig(
+        **kw,
+        enable_moe_block=True,
+        attention_k_eq_v=True,
+        hidden_size_per_layer_input=0,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+        architectures=["Gemma4ForCausalLM"],
+    )
+    gen = GenerationConfig(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=[EOS_ID, EOT_ID])
+    if config_only:
+        cfg.save_pretrained(out)
+    else:
+        torch.manual_seed(seed)
+        model = Gemma4ForCausalLM(cfg)
+        _perturb_(model, geo, seed)
+        model = model.to(getattr(torch, dtype))
+        model.save_pretrained(out)
+    gen.save_pretrained(out)
+    save_tokenizer(out, geo.vocab_size)
+    return out
+
+
+def cached_checkpoint(geometry: str = "tiny", kind: str = "diffusion", root: str | os.PathLike | None = None,
+                      **kwargs) -> Path:
+    """Build a checkpoint once and reuse it (keyed by geometry, kind and arguments)."""
+    root = Path(root or os.environ.get("DGEMMA_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
+    key = "-".join([kind, geometry] + [f"{k}={v}" for k, v in sorted(kwargs.items())]).replace("/", "_")
+    out = root / "checkpoints" / key
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "diffusion":
+        make_diffusion_checkpoint(tmp, geometry, **kwargs)
+    elif kind == "autoregressive":
+        make_autoregressive_checkpoint(tmp, geometry, **kwargs)
+    else:
+        raise ValueError(f"kind must be 'diffusion' or 'autoregressive', got {kind!r}")
+    try:
+        tmp.rename(out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="dgemma-vllm make-checkpoint",
+        description="Write a random-weight DiffusionGemma (or autoregressive Gemma 4) checkpoint "
+        "in the release layout.",
+    )
+    p.add_argument("out_dir")
+    p.add_argument("--geometry", default="tiny", choices=sorted(GEOMETRIES),
+                   help="; ".join(f"{k}: {v.note}" for k, v in GEOMETRIES.items()))
+    p.add_argument("--kind", default="diffusion", choices=["diffusion", "autoregressive"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-size", default=None, help='e.g. "200KB" to write sharded weights')
+    p.add_argument("--config-only", action="store_true", help="write config/tokenizer, no weights")
+    a = p.parse_args(argv)
+    config_only = a.config_only or a.geometry == "full"
+    if a.kind == "diffusion":
+        out = make_diffusion_checkpoint(a.out_dir, a.geometry, seed=a.seed, dtype=a.dtype,
+                                        max_shard_size=a.max_shard_size, config_only=config_only)
+    else:
+        out = make_autoregressive_checkpoint(a.out_dir, a.geometry, seed=a.seed, dtype=a.dtype,
+                                             config_only=config_only)
+    print(f"wrote {out}{' (config only)' if config_only else ''}")
+
+
+if __name__ == "__main__":
+    main()
