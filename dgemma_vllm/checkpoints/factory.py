@@ -87,10 +87,11 @@ GEOMETRIES: dict[str, Geometry] = {
         moe_intermediate_size=32, canvas_length=16, layer_types=(S, F, S, F),
         init_std=0.1, perturb=0.25, note="unit tests and the demo",
     ),
-    # Second small geometry: the release's 5:1 layer pattern, more heads, odd-ish sizes.
+    # Second small geometry: the release's 5:1 layer pattern, more heads, a 96-dim full-layer head
+    # (vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ...).
     "small": Geometry(
         vocab_size=1024, hidden_size=96, intermediate_size=192, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=24, global_head_dim=48,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=96,
         num_global_key_value_heads=1, sliding_window=32, num_experts=8, top_k_experts=2,
         moe_intermediate_size=48, canvas_length=32, init_std=0.1, perturb=0.25,
         note="second parity geometry (5 sliding : 1 full)",

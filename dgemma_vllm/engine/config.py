@@ -1,0 +1,70 @@
+"""The per-architecture config hook: makes vLLM's V1 engine serve DiffusionGemma through the
+plugin's scheduler, worker and runner, with no extra command-line flags.
+
+Plugin options travel on the HF config (so every process sees them) and are set with vLLM's
+``--hf-overrides`` (``LLM(hf_overrides=...)``):
+
+- ``dgemma_canvas_window``: ``"reference"`` (default; transformers eager/sdpa semantics for
+  sliding layers in canvas mode) or ``"symmetric"`` (``|q-k| <= W-1``, as flash attention).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import vllm_api as V
+
+logger = logging.getLogger("dgemma_vllm")
+
+ARCH = "DiffusionGemmaForBlockDiffusion"
+OPTION_DEFAULTS = {"dgemma_canvas_window": "reference"}
+
+
+def plugin_options(vllm_config) -> dict:
+    hf = vllm_config.model_config.hf_config
+    return {k.removeprefix("dgemma_"): getattr(hf, k, v) for k, v in OPTION_DEFAULTS.items()}
+
+
+def canvas_length_of(hf_config) -> int:
+    return int(getattr(hf_config, "dgemma_canvas_length", None) or 256)
+
+
+class DGemmaConfigHook(V.VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        hf = model_config.hf_config
+        # vLLM treats any config with `canvas_length` as its own diffusion path (V2 runner only);
+        # keep the value under our own name and hide it from that check.
+        if getattr(hf, "canvas_length", None) is not None:
+            hf.dgemma_canvas_length = int(hf.canvas_length)
+            hf.canvas_length = None
+        elif getattr(hf, "dgemma_canvas_length", None) is None:
+            hf.dgemma_canvas_length = 256
+        window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
+        if window not in ("reference", "symmetric"):
+            raise ValueError("dgemma_canvas_window must be 'reference' or 'symmetric', "
+                             f"got {window!r}")
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.platforms import current_platform
+
+        sched = vllm_config.scheduler_config
+        par = vllm_config.parallel_config
+        default_sched = "vllm.v1.core.sched.scheduler.Scheduler"
+        cur = getattr(sched, "scheduler_cls", None)
+        if cur in (None, "", default_sched) or (isinstance(cur, type) and cur is V.Scheduler):
+            sched.scheduler_cls = "dgemma_vllm.engine.scheduler.DGemmaScheduler"
+        if par.worker_cls in (None, "", "auto"):
+            par.worker_cls = ("dgemma_vllm.engine.worker.DGemmaCPUWorker" if current_platform.is_cpu()
+                              else "dgemma_vllm.engine.worker.DGemmaGPUWorker")
+        # The runner keeps refinement state between steps: synchronous scheduling only.
+        if getattr(sched, "async_scheduling", None) is None:
+            sched.async_scheduling = False
+        if sched.async_scheduling:
+            raise ValueError("dgemma_vllm needs async_scheduling=False (the canvas state machine is "
+                             "synchronous)")
+        mc = vllm_config.model_config
+        if mc.max_model_len < canvas_length_of(mc.hf_config) + 1:
+            raise ValueError(f"max_model_len ({mc.max_model_len}) must exceed the canvas length "
+                             f"({canvas_length_of(mc.hf_config)})")

@@ -1,0 +1,223 @@
+"""Model-runner hooks: the per-request canvas state machine inside vLLM's V1 runner.
+
+Three protected methods of vLLM's ``GPUModelRunner`` (which the CPU runner inherits) are
+overridden; everything else (input batch, paged KV, attention metadata, forward) is vLLM's:
+
+- ``_prepare_inputs``: for each request with a scheduled canvas, write the canvas ids where the
+  placeholder drafts are (denoising: the current noisy canvas; commit: the argmax canvas), mark
+  denoising requests bidirectional, ask for logits on every denoising row and none on commit
+  or prefill rows, and hand the model the canvas rows and their self-conditioning.
+- ``_build_attention_metadata``: the per-request int32 ``causal`` tensor (1 causal, 0 canvas).
+- ``_sample``: one refinement step per denoising request (``dgemma_vllm.refine``), the
+  self-conditioning soft embeddings for all of them in one matmul, and the committed tokens of
+  commit requests (every other row returns no token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from dgemma_vllm.model.dgemma import StepInputs
+from dgemma_vllm.refine.params import from_generation_config
+from dgemma_vllm.refine.sampler import CanvasState, refine_step
+
+from . import vllm_api as V
+from .config import canvas_length_of
+
+logger = logging.getLogger("dgemma_vllm")
+
+PREFILL, DENOISE, COMMIT, IDLE = "prefill", "denoise", "commit", "idle"
+
+
+class DGemmaRunnerMixin:
+    """Mixed into vLLM's CPUModelRunner / GPUModelRunner by ``worker.py``."""
+
+    def _dg_setup(self) -> None:
+        mc = self.model_config
+        self.dg_canvas = canvas_length_of(mc.hf_config)
+        self.dg_vocab = mc.hf_config.text_config.vocab_size
+        self.dg_defaults = from_generation_config(mc.model if os.path.isdir(mc.model) else None)
+        self.dg_states: dict[str, CanvasState] = {}
+        self.dg_plan: list[tuple[str, str, int]] | None = None
+        self.dg_causal: torch.Tensor | None = None
+        self.dg_stats = {"steps": 0, "denoise_rows": 0, "commits": 0, "step_time": 0.0}
+        # Test hook: record (prefix length, canvas ids, self-conditioning logits, logits) of
+        # every denoising step to this directory (torch.save per request).
+        self.dg_capture_dir = os.environ.get("DGEMMA_CAPTURE_DIR") or None
+        self.dg_capture: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ state
+    def _dg_state(self, req_id: str) -> CanvasState:
+        st = self.dg_states.get(req_id)
+        if st is None:
+            sp = self.requests[req_id].sampling_params
+            params = self.dg_defaults
+            params = dataclasses.replace(params, temperature=float(sp.temperature)).validate()
+            params = params.with_overrides(sp.extra_args)
+            gen = torch.Generator(device="cpu")
+            if sp.seed is not None:
+                gen.manual_seed(int(sp.seed))
+            else:
+                gen.seed()
+            st = CanvasState(params=params, vocab_size=self.dg_vocab, generator=gen)
+            self.dg_states[req_id] = st
+        return st
+
+    def _update_states(self, scheduler_output):
+        for req_id in scheduler_output.finished_req_ids:
+            self.dg_states.pop(req_id, None)
+        return super()._update_states(scheduler_output)
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        num_reqs = self.input_batch.num_reqs
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        plan: list[tuple[str, str, int]] = []
+        causal = np.ones(num_reqs, dtype=np.int32)
+        for row in range(num_reqs):
+            req_id = self.input_batch.req_ids[row]
+            drafts = spec.get(req_id)
+            if not drafts:
+                plan.append((req_id, PREFILL, 0))
+                continue
+            n = len(drafts)
+            st = self._dg_state(req_id)
+            start = int(self.input_batch.num_tokens_no_spec[row])
+            room = self.max_model_len - start
+            want = st.length if (st.canvas is not None) else min(self.dg_canvas, room)
+            if n != want:  # a partial canvas (token budget): compute nothing useful, roll back
+                plan.append((req_id, IDLE, n))
+                continue
+            if st.commit is not None:
+                ids = st.commit
+                plan.append((req_id, COMMIT, n))
+            else:
+                if st.canvas is None:
+                    st.start_canvas(n)
+                ids = st.canvas[0]
+                plan.append((req_id, DENOISE, n))
+                causal[row] = 0
+            self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
+        logits_indices, spec_md, max_n = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        qsl = self.query_start_loc.np[: num_reqs + 1]
+        rows, softs = [], []
+        any_soft = False
+        for row, (req_id, mode, n) in enumerate(plan):
+            if mode != DENOISE:
+                continue
+            rows.append(np.arange(qsl[row], qsl[row] + n))
+            st = self.dg_states[req_id]
+            softs.append(st.soft)
+            any_soft |= st.soft is not None
+        device = logits_indices.device
+        if rows:
+            canvas_rows = torch.from_numpy(np.concatenate(rows)).to(device)
+        else:
+            canvas_rows = torch.zeros(0, dtype=torch.int64, device=device)
+        soft = None
+        if any_soft:
+            hidden = self.model_config.hf_config.text_config.hidden_size
+            soft = torch.cat([s if s is not None else torch.zeros(n, hidden, dtype=self.dtype)
+                              for s, (_, mode, n) in zip(softs, [p for p in plan if p[1] == DENOISE])])
+            soft = soft.to(device)
+        self._dg_model().set_step(StepInputs(canvas_rows=canvas_rows, soft_embeds=soft))
+        self.dg_plan = plan
+        self.dg_causal = torch.from_numpy(causal) if (causal == 0).any() else None
+        self.dg_t0 = time.perf_counter()
+        return canvas_rows, None, max_n
+
+    def _dg_model(self):
+        m = self.model
+        return getattr(m, "module", m) if not hasattr(m, "set_step") else m
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        causal = self.dg_causal
+        if causal is None:
+            return super()._build_attention_metadata(*args, **kwargs)
+        patched = []
+        for groups in self.attn_groups:
+            for g in groups:
+                orig = g.build_metadata
+
+                def build(cm, *a, _orig=orig, **kw):
+                    if cm.num_reqs == causal.shape[0]:
+                        cm = dataclasses.replace(cm, causal=causal.to(cm.query_start_loc.device))
+                    return _orig(cm, *a, **kw)
+
+                g.build_metadata = build
+                patched.append(g)
+        try:
+            return super()._build_attention_metadata(*args, **kwargs)
+        finally:
+            for g in patched:
+                del g.build_metadata  # back to the class method
+            self.dg_causal = None
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, logits, spec_decode_metadata):
+        plan, self.dg_plan = self.dg_plan, None
+        if plan is None:  # dummy / profile run
+            return super()._sample(logits, spec_decode_metadata)
+        model = self._dg_model()
+        num_reqs = len(plan)
+        out: list[list[int]] = [[] for _ in range(num_reqs)]
+        off = 0
+        sc_states, sc_logits = [], []
+        for row, (req_id, mode, n) in enumerate(plan):
+            if mode == DENOISE:
+                st = self.dg_states[req_id]
+                lg = logits[off:off + n]
+                off += n
+                if self.dg_capture_dir:
+                    self._dg_record(req_id, row, st, lg)
+                processed = refine_step(st, lg)
+                if self.dg_capture_dir:
+                    st._sc_logits = processed.clone()
+                if st.commit is None:
+                    sc_states.append(st)
+                    sc_logits.append(processed)
+                self.dg_stats["denoise_rows"] += 1
+            elif mode == COMMIT:
+                st = self.dg_states[req_id]
+                out[row] = st.finish_commit().tolist()
+                self.dg_stats["commits"] += 1
+                if self.dg_capture_dir and req_id in self.dg_capture:
+                    self._dg_flush_capture(req_id)
+        if sc_states:
+            emb_dtype = model.model.embed_tokens.weight.dtype
+            stacked = torch.cat(sc_logits).to(emb_dtype)
+            probs = torch.softmax(stacked, dim=-1, dtype=torch.float32)
+            soft = model.soft_embeddings(probs.to(logits.device))
+            o = 0
+            for st in sc_states:
+                st.soft = soft[o:o + st.length]
+                o += st.length
+        self.dg_stats["steps"] += 1
+        self.dg_stats["step_time"] += time.perf_counter() - self.dg_t0
+        width = max(2, max((len(t) for t in out), default=0))
+        sampled = torch.full((num_reqs, width), -1, dtype=torch.int32)
+        for row, toks in enumerate(out):
+            if toks:
+                sampled[row, : len(toks)] = torch.tensor(toks, dtype=torch.int32)
+        return V.SamplerOutput(sampled_token_ids=sampled.to(self.device), logprobs_tensors=None)
+
+    # ------------------------------------------------------------------ capture (tests)
+    def _dg_record(self, req_id, row, st, lg):
+        sc = getattr(st, "_sc_logits", None) if st.steps_this_canvas > 0 else None
+        self.dg_capture.setdefault(req_id, []).append({
+            "prefix_len": int(self.input_batch.num_tokens_no_spec[row]),
+            "canvas": st.canvas[0].clone(),
+            "sc_logits": None if sc is None else sc.clone(),
+            "logits": lg.detach().float().cpu().clone(),
+        })
+
+    def _dg_flush_capture(self, req_id):
+        os.makedirs(self.dg_capture_dir, exist_ok=True)
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in req_id)
+        torch.save(self.dg_capture[req_id], os.path.join(self.dg_capture_dir, f"{safe}.pt"))

@@ -1,0 +1,51 @@
+"""Non-autoregressive scheduler: vLLM's V1 scheduler with the canvas carried as draft tokens.
+
+Each engine step batches, across all running requests, prefill chunks (the causal encoder pass
+over the prompt) and one canvas forward per request that has finished its prefill: a denoising
+step or the commit pass, which the runner chooses. The canvas rides vLLM's speculative-token
+path: ``n`` placeholder draft tokens reserve the KV slots right after the committed tokens; a
+denoising step returns no token, so the whole draft is rolled back (its K/V never count as
+committed); the commit step returns the ``n`` committed tokens, which vLLM appends one by one
+through ``check_stop`` (EOS, stop ids, ``max_tokens`` and ``max_model_len`` cut inside the
+canvas). Requests join and leave between steps (continuous batching); preemption and abort
+free what vLLM allocated, and the runner drops its per-request state on finish.
+"""
+
+from __future__ import annotations
+
+from . import vllm_api as V
+from .config import canvas_length_of
+
+PLACEHOLDER_ID = 0  # any valid id: the runner overwrites canvas ids before the forward
+
+
+class DGemmaScheduler(V.Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Steps may return no token at all (denoising), so nothing counts as "sampled" by
+        # default: unreturned draft tokens are then rolled back in update_from_output.
+        self.num_sampled_tokens_per_step = 0
+        self.canvas_length = canvas_length_of(self.vllm_config.model_config.hf_config)
+
+    def canvas_len_for(self, request) -> int:
+        """Canvas positions for a request with `num_tokens` committed: the full canvas, or the
+        room left under max_model_len at the very end of the context."""
+        return max(0, min(self.canvas_length, self.max_model_len - request.num_tokens))
+
+    def schedule(self, *args, **kwargs):
+        budget = self.max_num_scheduled_tokens
+        for req in self.running:
+            if req.is_finished():
+                continue
+            pending = req.num_tokens - req.num_computed_tokens
+            if pending > 0:  # still prefilling (or recomputing after preemption)
+                budget -= pending
+                req.spec_token_ids = []
+                continue
+            n = self.canvas_len_for(req)
+            if n == 0 or n > budget:
+                req.spec_token_ids = []
+                continue
+            req.spec_token_ids = [PLACEHOLDER_ID] * n
+            budget -= n
+        return super().schedule(*args, **kwargs)

@@ -1,0 +1,103 @@
+"""Every vLLM internal the plugin depends on, named in one place.
+
+vLLM's plugin surface (entry point group ``vllm.general_plugins``, ``ModelRegistry``,
+``SamplingParams``, ``LLM``) is public; everything else below is internal to vLLM 0.32 and may
+move between releases. A vLLM upgrade should be a one-file job: fix the imports here, and the
+facts listed beside them (checked against vLLM 0.32.0, CPU build, and the 0.32 CUDA sources).
+
+Facts the plugin relies on (file:line in vLLM 0.32.0):
+- ``MODELS_CONFIG_MAP[arch]`` (model_executor/models/config.py:1063): a class with
+  ``verify_and_update_model_config(model_config)`` (runs in ModelConfig.__post_init__) and
+  ``verify_and_update_config(vllm_config)`` (runs in VllmConfig.__post_init__, before the
+  platform fills ``worker_cls``/``scheduler_cls`` defaults).
+- ``ModelConfig.is_diffusion`` is ``hf_config.canvas_length is not None`` (config/model.py:1944);
+  when true the V1 runner refuses the model (config/vllm.py:2993). The plugin moves the value
+  to ``hf_config.dgemma_canvas_length`` and sets ``canvas_length = None``.
+- Scheduler (v1/core/sched/scheduler.py): running requests get
+  ``num_tokens + len(spec_token_ids) - num_computed_tokens`` new tokens (:703); scheduled spec
+  tokens not returned by the runner are rolled back from ``num_computed_tokens`` when
+  ``num_sampled_tokens_per_step == 0`` (:2111-2128); ``check_stop`` cuts returned tokens at
+  EOS / stop ids / max_tokens / max_model_len (v1/core/sched/utils.py:98).
+- Model runner V1 (v1/worker/gpu_model_runner.py): ``_prepare_inputs`` (:1920) reads input ids
+  from ``input_batch.token_ids_cpu``; ``_build_attention_metadata`` (:2249) builds
+  ``CommonAttentionMetadata(causal=True)`` and calls ``attn_group.build_metadata`` per group;
+  ``_sample`` (:3437) returns ``SamplerOutput`` whose rows of width >= 2 drop ``-1`` entries.
+- CPU attention (v1/attention/backends/cpu_attn.py): an int32 per-request ``causal`` tensor
+  becomes ``dynamic_causal`` (:213); non-causal rows use a symmetric sliding window; the paged
+  cache per layer is ``[blocks, kv_heads, block_size, 2*head_dim]`` with K stored transposed
+  inside each block for the ``vec``/``vec16`` kernels (checked at start-up, see attention.py).
+"""
+
+from __future__ import annotations
+
+# --- configuration hooks and registration -------------------------------------------------
+from vllm import ModelRegistry  # noqa: F401  (public)
+from vllm.config import VllmConfig  # noqa: F401
+from vllm.model_executor.models.config import (  # noqa: F401
+    MODELS_CONFIG_MAP,
+    VerifyAndUpdateConfig,
+)
+
+# --- model building blocks (Gemma 4 backbone, layers, weight loading) ----------------------
+from vllm.distributed import (  # noqa: F401
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.model_executor.layers.layernorm import RMSNorm  # noqa: F401
+from vllm.model_executor.layers.logits_processor import LogitsProcessor  # noqa: F401
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead  # noqa: F401
+from vllm.model_executor.models.gemma4 import (  # noqa: F401
+    Gemma4DecoderLayer,
+    Gemma4MLP,
+    Gemma4Model,
+)
+from vllm.model_executor.models.utils import (  # noqa: F401
+    AutoWeightsLoader,
+    WeightsMapper,
+    maybe_prefix,
+)
+
+# --- scheduler, worker, runner ------------------------------------------------------------
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
+from vllm.v1.outputs import SamplerOutput  # noqa: F401
+
+
+def cpu_worker_classes():
+    """(CPUWorker, CPUModelRunner): imported lazily, they exist only in the CPU build."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    return CPUWorker, CPUModelRunner
+
+
+def gpu_worker_classes():
+    """(Worker, GPUModelRunner) of the CUDA build's V1 runner."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker, GPUModelRunner
+
+
+def cpu_attention_classes():
+    """(CPUAttentionBackend, CPUAttentionBackendImpl, cpu ops module)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+    )
+
+    return CPUAttentionBackend, CPUAttentionBackendImpl, ops
+
+
+def register_attention_backend(name: str, class_path: str) -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if name not in AttentionBackendEnum.__members__:
+        register_backend(name, class_path)
+
+
+def forward_context():
+    from vllm.forward_context import get_forward_context
+
+    return get_forward_context()

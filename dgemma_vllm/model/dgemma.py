@@ -1,0 +1,235 @@
+"""DiffusionGemmaForBlockDiffusion built from vLLM's layers.
+
+One backbone weight set (vLLM's ``Gemma4Model``: QKV/MLP parallel linears, RMSNorm, the
+proportional partial RoPE of full layers, FusedMoE with the Gemma 4 router and per-expert
+scale, vocab-parallel embedding) serves both modes of the reference:
+
+- encoder / commit rows: ``E[ids]*sqrt(H)`` through the layers with causal attention, the
+  encoder's ``layer_scalar`` set; their K/V are committed to the paged cache;
+- canvas rows: ``post_norm(E[ids]*sqrt(H) + SC_MLP(pre_norm(soft)))`` through the same layers
+  with bidirectional attention and the decoder's ``layer_scalar`` set; then the tied head,
+  fp32, softcap 30.
+
+The runner tells the model which rows of a batch are canvas rows and hands it their
+self-conditioning soft embeddings (``[rows, hidden]``) through :meth:`set_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dgemma_vllm.engine import vllm_api as V
+
+import logging
+
+logger = logging.getLogger("dgemma_vllm")
+
+SOFTCAP = 30.0  # final_logit_softcapping of the text config (not written to config.json)
+
+
+@dataclass
+class StepInputs:
+    """Per-forward inputs the runner passes to the model (None: every row is causal)."""
+
+    canvas_rows: torch.Tensor  # int64 [n] token indices of canvas rows in the flat batch
+    soft_embeds: torch.Tensor | None  # [n, hidden] self-conditioning soft embeddings, or None (zeros)
+
+
+class SelfConditioning(nn.Module):
+    """``post_norm(x + down(gelu_tanh(gate(pre_norm(s))) * up(pre_norm(s))))``; post_norm has no
+    weight (reference: DiffusionGemmaSelfConditioning)."""
+
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        h = config.hidden_size
+        self.pre_norm = V.RMSNorm(h, eps=config.rms_norm_eps)
+        self.post_norm = V.RMSNorm(h, eps=config.rms_norm_eps, has_weight=False)
+        self.mlp = V.Gemma4MLP(h, config.intermediate_size, config.hidden_activation,
+                               quant_config=quant_config, prefix=f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        if soft is None:  # first step: the reference feeds zeros, and pre_norm(0) = 0 -> MLP(0) = 0
+            return self.post_norm(x)
+        return self.post_norm(x + self.mlp(self.pre_norm(soft)))
+
+
+@contextlib.contextmanager
+def _attention_backend(backend_cls):
+    """Build Gemma 4's attention layers with our backend class (vLLM's ``Attention`` takes an
+    ``attn_backend`` argument; Gemma4Attention does not pass one through)."""
+    import vllm.model_executor.models.gemma4 as g4
+
+    orig = g4.Attention
+    g4.Attention = functools.partial(orig, attn_backend=backend_cls) if backend_cls else orig
+    try:
+        yield
+    finally:
+        g4.Attention = orig
+
+
+class DGemmaForBlockDiffusion(nn.Module):
+    """vLLM model class for ``DiffusionGemmaForBlockDiffusion`` checkpoints."""
+
+    # checkpoint name -> module name (applied in order, prefixes)
+    hf_to_vllm_mapper = V.WeightsMapper(
+        orig_to_new_prefix={
+            "model.decoder.self_conditioning.": "self_conditioning.",
+            "model.decoder.": "model.",
+        },
+        orig_to_new_substr={
+            "self_conditioning.down_proj.": "self_conditioning.mlp.down_proj.",
+        },
+        orig_to_new_stacked={
+            "self_conditioning.gate_proj.": ("self_conditioning.mlp.gate_up_proj.", 0),
+            "self_conditioning.up_proj.": ("self_conditioning.mlp.gate_up_proj.", 1),
+        },
+    )
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__()
+        hf_config = vllm_config.model_config.hf_config
+        config = hf_config.text_config
+        # Full-attention layers of DiffusionGemma are always k_eq_v (no v_proj in the file).
+        config.attention_k_eq_v = True
+        self.config = config
+        self.canvas_length = int(getattr(hf_config, "dgemma_canvas_length", None)
+                                 or getattr(hf_config, "canvas_length", None) or 256)
+        quant_config = vllm_config.quant_config
+
+        from dgemma_vllm.engine.attention import set_canvas_window
+        from dgemma_vllm.engine.config import plugin_options
+
+        opts = plugin_options(vllm_config)
+        set_canvas_window(opts["canvas_window"])
+        backend = None
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from dgemma_vllm.engine.attention import DGemmaCPUAttentionBackend as backend
+        with _attention_backend(backend):
+            self.model = V.Gemma4Model(vllm_config=vllm_config,
+                                       prefix=V.maybe_prefix(prefix, "model"))
+        self.self_conditioning = SelfConditioning(config, quant_config,
+                                                  prefix=V.maybe_prefix(prefix, "self_conditioning"))
+        self.lm_head = V.ParallelLMHead(config.vocab_size, config.hidden_size,
+                                        quant_config=quant_config,
+                                        prefix=V.maybe_prefix(prefix, "lm_head"))
+        if getattr(hf_config, "tie_word_embeddings", True):
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = V.LogitsProcessor(config.vocab_size, soft_cap=None)
+
+        n = config.num_hidden_layers
+        # The two layer_scalar sets of the checkpoint (buffers are not tied in the reference).
+        self.register_buffer("encoder_layer_scalars", torch.ones(n), persistent=False)
+        self.register_buffer("decoder_layer_scalars", torch.ones(n), persistent=False)
+        self._step: StepInputs | None = None
+
+    # ------------------------------------------------------------------ runner interface
+    def set_step(self, step: StepInputs | None) -> None:
+        self._step = step
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        step, self._step = self._step, None
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_input_ids(input_ids)
+        n_tok = inputs_embeds.shape[0]
+        enc = self.encoder_layer_scalars.to(inputs_embeds.dtype)
+        dec = self.decoder_layer_scalars.to(inputs_embeds.dtype)
+        if step is not None and step.canvas_rows.numel() > 0:
+            rows = step.canvas_rows
+            soft = step.soft_embeds
+            inputs_embeds = inputs_embeds.clone()
+            inputs_embeds[rows] = self.self_conditioning(
+                inputs_embeds[rows], None if soft is None else soft.to(inputs_embeds.dtype))
+            is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=inputs_embeds.device)
+            is_canvas[rows] = True
+            scalars = [torch.where(is_canvas, dec[i], enc[i]) for i in range(len(enc))]
+        else:
+            scalars = [enc[i].view(1) for i in range(len(enc))]
+        for i, layer in enumerate(self.model.layers):
+            if hasattr(layer, "layer_scalar"):
+                layer.layer_scalar = scalars[i]
+        return self.model(None, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        logits = self.logits_processor(self.lm_head, hidden_states)
+        if logits is None:
+            return None
+        logits = logits.float()
+        return torch.tanh(logits / SOFTCAP) * SOFTCAP
+
+    @torch.no_grad()
+    def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
+        """``softmax(processed logits) @ E * sqrt(H)`` for self-conditioning, computed on this
+        rank's vocabulary slice and all-reduced. `probs` is ``[rows, vocab]`` (full vocab)."""
+        emb = self.model.embed_tokens
+        w = emb.weight
+        tp = V.get_tensor_model_parallel_world_size()
+        if tp == 1:
+            out = probs.to(w.dtype) @ w[: probs.shape[-1]]
+        else:
+            si = emb.shard_indices
+            lo, hi = si.org_vocab_start_index, si.org_vocab_end_index
+            out = probs[:, lo:hi].to(w.dtype) @ w[: hi - lo]
+            out = V.tensor_model_parallel_all_reduce(out)
+        return out * self.model.normalizer.to(out.dtype)
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        skipped_vision = 0
+        loaded_scalars: set[str] = set()
+
+        def text_weights():
+            nonlocal skipped_vision
+            for name, tensor in weights:
+                if name.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.",
+                                    "model.vision_tower.", "model.embed_vision.")):
+                    skipped_vision += 1
+                    continue
+                if name.endswith(".layer_scalar"):
+                    i = int(name.split(".layers.")[1].split(".")[0])
+                    target = (self.decoder_layer_scalars if name.startswith("model.decoder.")
+                              else self.encoder_layer_scalars)
+                    target[i] = tensor.reshape(()).to(target.dtype)
+                    loaded_scalars.add(name)
+                    continue
+                if name == "lm_head.weight" and getattr(self.lm_head, "weight", None) is \
+                        self.model.embed_tokens.weight:
+                    continue
+                if name.startswith("model.encoder.language_model."):
+                    # Tied to the decoder in the reference; a checkpoint saved with ties off
+                    # would carry a second backbone, which this class does not serve.
+                    raise ValueError(
+                        f"checkpoint carries untied encoder weight {name!r}: this plugin serves "
+                        "one backbone for both modes (tie_word_embeddings must be true)")
+                yield name, tensor
+
+        loader = V.AutoWeightsLoader(self)
+        loaded = loader.load_weights(text_weights(), mapper=self.hf_to_vllm_mapper)
+        if skipped_vision:
+            logger.info("dgemma_vllm: skipped %d vision-tower tensors (image input is not "
+                        "supported by this plugin yet; text only)", skipped_vision)
+        n = self.config.num_hidden_layers
+        for kind in ("model.decoder.layers", "model.encoder.language_model.layers"):
+            missing = [i for i in range(n) if f"{kind}.{i}.layer_scalar" not in loaded_scalars]
+            if missing:
+                raise ValueError(f"checkpoint lacks {kind}.<i>.layer_scalar for layers {missing}")
+        # layer_scalar buffers of the layers are replaced per forward; report them as loaded.
+        loaded |= {f"model.layers.{i}.layer_scalar" for i in range(n)}
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        return loaded

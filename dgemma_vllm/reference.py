@@ -1,0 +1,56 @@
+"""Thin wrappers around the `transformers` reference implementation (the oracle).
+
+Nothing here re-implements the model: every number comes from
+``transformers.DiffusionGemmaForBlockDiffusion`` on the same checkpoint. Tests and benchmarks
+use these helpers to ask the reference the same questions the plugin answers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=4)
+def load_reference(path: str, dtype: str = "float32", attn_implementation: str = "eager"):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    )
+    model.eval()
+    return model
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config.get_text_config(decoder=True))
+
+
+@torch.no_grad()
+def encode(model, cache, token_ids: list[int]) -> None:
+    """Causal encoder pass over `token_ids`, appended to `cache` at the next positions."""
+    ids = torch.tensor([token_ids], dtype=torch.long)
+    model.model.encoder(input_ids=ids, past_key_values=cache)
+
+
+@torch.no_grad()
+def canvas_logits(model, cache, canvas_ids: list[int],
+                  self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder (canvas) pass: softcapped fp32 logits ``[canvas, vocab]``; the cache is read only."""
+    ids = torch.tensor([canvas_ids], dtype=torch.long)
+    sc = None if self_conditioning_logits is None else self_conditioning_logits[None]
+    out = model(decoder_input_ids=ids, past_key_values=cache, self_conditioning_logits=sc)
+    return out.logits[0]
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], seed: int, **gen_kwargs) -> list[int]:
+    """`generate` for one prompt after ``torch.manual_seed(seed)``; returns the new tokens."""
+    torch.manual_seed(seed)
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    out = model.generate(ids, **gen_kwargs)
+    seq = out.sequences if hasattr(out, "sequences") else out
+    return seq[0, len(prompt_ids):].tolist()

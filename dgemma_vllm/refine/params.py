@@ -1,0 +1,97 @@
+"""Diffusion sampler parameters: checkpoint defaults, server overrides, per-request knobs.
+
+Precedence (lowest to highest): the reference's built-in defaults, the checkpoint's
+``generation_config.json``, server-level overrides, ``SamplingParams.extra_args`` of a request.
+Every value is validated with an error that names the parameter and the allowed range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+# The reference's built-in defaults (generation_diffusion_gemma.py, G226-234).
+REFERENCE_DEFAULTS = dict(
+    max_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+    stability_threshold=1, confidence_threshold=0.005,
+)
+
+# Per-request knob name (SamplingParams.extra_args / vllm_xargs) -> field.
+EXTRA_ARGS = {
+    "diffusion_max_steps": "max_steps",
+    "diffusion_entropy_bound": "entropy_bound",
+    "diffusion_t_min": "t_min",
+    "diffusion_t_max": "t_max",
+    "diffusion_stability_threshold": "stability_threshold",
+    "diffusion_confidence_threshold": "confidence_threshold",
+}
+
+MAX_STEPS_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    max_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    temperature: float = 1.0  # SamplingParams.temperature: scales the schedule (0 = greedy)
+
+    def validate(self) -> "DiffusionParams":
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not is_int(self.max_steps) or not 1 <= self.max_steps <= MAX_STEPS_LIMIT:
+            raise ValueError(f"diffusion_max_steps must be an integer in [1, {MAX_STEPS_LIMIT}], "
+                             f"got {self.max_steps!r}")
+        if not is_num(self.entropy_bound) or self.entropy_bound <= 0:
+            raise ValueError(f"diffusion_entropy_bound must be a number > 0, got {self.entropy_bound!r}")
+        for name in ("t_min", "t_max"):
+            v = getattr(self, name)
+            if not is_num(v) or v <= 0:
+                raise ValueError(f"diffusion_{name} must be a number > 0, got {v!r}")
+        if self.t_min > self.t_max:
+            raise ValueError(f"diffusion_t_min ({self.t_min}) must be <= diffusion_t_max ({self.t_max})")
+        if not is_int(self.stability_threshold) or not 0 <= self.stability_threshold <= 64:
+            raise ValueError("diffusion_stability_threshold must be an integer in [0, 64], "
+                             f"got {self.stability_threshold!r}")
+        if not is_num(self.confidence_threshold) or self.confidence_threshold < 0:
+            raise ValueError("diffusion_confidence_threshold must be a number >= 0, "
+                             f"got {self.confidence_threshold!r}")
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        return self
+
+    def with_overrides(self, overrides: dict | None, *, source: str = "extra_args") -> "DiffusionParams":
+        if not overrides:
+            return self
+        changes = {}
+        for key, value in overrides.items():
+            if key in EXTRA_ARGS:
+                changes[EXTRA_ARGS[key]] = value
+        return replace(self, **changes).validate() if changes else self
+
+
+def from_generation_config(model_dir: str | None) -> DiffusionParams:
+    """Defaults from the checkpoint's generation_config.json (reference defaults where absent)."""
+    values = dict(REFERENCE_DEFAULTS)
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            g = json.load(f)
+        if g.get("max_denoising_steps") is not None:
+            values["max_steps"] = int(g["max_denoising_steps"])
+        sc = g.get("sampler_config") or {}
+        if sc.get("entropy_bound") is not None:
+            values["entropy_bound"] = float(sc["entropy_bound"])
+        for k in ("t_min", "t_max", "stability_threshold", "confidence_threshold"):
+            if g.get(k) is not None:
+                values[k] = g[k]
+    return DiffusionParams(**values).validate()

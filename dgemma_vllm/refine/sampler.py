@@ -1,0 +1,121 @@
+"""Block refinement exactly as the reference (transformers' DiffusionGemma `generate`).
+
+Engine-free: plain torch on one request's canvas. The engine calls :func:`refine_step` once per
+denoising step with the canvas logits of that request; this module owns the temperature
+schedule, sampling, entropy-bound acceptance, uniform renoising, stable-and-confident stopping
+and the choice of the committed (argmax) canvas.
+
+Random draws follow the reference's order on the request's own generator: per canvas one
+``randint`` for the initial canvas; per step the ``multinomial`` draw, then the ``randint`` for
+renoising. With a CPU generator seeded ``s`` this reproduces ``torch.manual_seed(s)`` followed
+by ``model.generate`` for that prompt alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .params import DiffusionParams
+
+
+@dataclass
+class CanvasState:
+    """Refinement state of one request between engine steps."""
+
+    params: DiffusionParams
+    vocab_size: int
+    generator: torch.Generator | None
+    canvas: torch.Tensor | None = None  # [1, n] current (noisy) canvas
+    argmax: torch.Tensor | None = None  # [1, n] argmax canvas of the last step
+    history: torch.Tensor | None = None  # [stability, 1, n] previous argmax canvases
+    cur_step: int = 0  # steps remaining, N..1 (reference `cur_step`)
+    soft: torch.Tensor | None = None  # [n, hidden] self-conditioning for the next step
+    commit: torch.Tensor | None = None  # [n] tokens to commit (set when the canvas is done)
+    # statistics
+    canvases: int = 0
+    steps: int = 0
+    steps_this_canvas: int = 0
+    step_log: list = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.canvas is None else self.canvas.shape[1]
+
+    def start_canvas(self, n: int) -> None:
+        """Initial canvas: uniform over the full vocabulary (reference G394-404)."""
+        self.canvas = torch.randint(0, self.vocab_size, (1, n), generator=self.generator)
+        self.argmax = self.canvas
+        self.history = None
+        self.cur_step = self.params.max_steps
+        self.soft = None
+        self.commit = None
+        self.steps_this_canvas = 0
+
+    def finish_commit(self) -> torch.Tensor:
+        ids = self.commit
+        self.canvases += 1
+        self.canvas = self.argmax = self.history = self.soft = self.commit = None
+        return ids
+
+
+def temperature(params: DiffusionParams, cur_step: int) -> torch.Tensor:
+    """Linear schedule, computed as the reference does (fp32 tensor arithmetic, G315)."""
+    step = torch.tensor(cur_step, dtype=torch.int32)
+    return params.t_min + ((params.t_max - params.t_min) * (step / params.max_steps))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.distributions.Categorical(logits=logits).entropy()
+
+
+@torch.no_grad()
+def refine_step(state: CanvasState, raw_logits: torch.Tensor) -> torch.Tensor:
+    """One denoising step for one request. `raw_logits` are the softcapped fp32 canvas logits
+    ``[n, vocab]``. Updates `state` (canvas, argmax, stopping, `commit` when done) and returns
+    the processed (temperature-scaled) logits ``[n, vocab]`` that self-condition the next step."""
+    p = state.params
+    logits = raw_logits[None].float()  # [1, n, V]
+    sched_t = temperature(p, state.cur_step)
+    processed = logits / sched_t
+    n = logits.shape[1]
+    v = logits.shape[2]
+    if p.temperature == 0.0:  # greedy: no sampling noise (renoising still draws)
+        denoiser = processed.argmax(-1)
+    else:
+        scaled = processed if p.temperature == 1.0 else logits / (sched_t * p.temperature)
+        probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+        denoiser = torch.multinomial(probs.view(-1, v), num_samples=1,
+                                     generator=state.generator).view(1, n)
+    new_argmax = processed.argmax(-1)
+
+    # entropy-bound acceptance (G437-448)
+    ent = entropy(processed)
+    sorted_ent, order = torch.sort(ent, dim=-1, descending=False)
+    cum = torch.cumsum(sorted_ent, dim=-1)
+    sel = cum - sorted_ent <= p.entropy_bound
+    accepted_mask = torch.scatter(torch.zeros_like(sel), dim=-1, index=order, src=sel)
+    accepted = torch.where(accepted_mask, denoiser, state.canvas)
+    # uniform renoising of every non-accepted position (G450-469)
+    noise = torch.randint(0, state.vocab_size, (1, n), generator=state.generator)
+    state.canvas = torch.where(~accepted_mask, noise, accepted)
+
+    # stable-and-confident stopping (G484-540)
+    if p.stability_threshold == 0:
+        stable = True
+    else:
+        if state.history is None:
+            state.history = torch.full((p.stability_threshold, 1, n), -1, dtype=new_argmax.dtype)
+        stable = bool((state.history == new_argmax[None]).all(-1).all(0).item())
+        state.history = torch.roll(state.history, shifts=-1, dims=0)
+        state.history[-1] = new_argmax
+    confident = bool((ent.mean(-1) < p.confidence_threshold).item())
+
+    state.argmax = new_argmax
+    state.steps += 1
+    state.steps_this_canvas += 1
+    state.cur_step -= 1
+    if (stable and confident) or state.cur_step == 0:
+        state.commit = new_argmax[0].clone()  # the ARGMAX canvas is committed (G793)
+    return processed[0]
