@@ -72,15 +72,14 @@ def _k_is_transposed(isa: str, dtype: torch.dtype) -> bool:
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Read ``[n, kv_heads, head_dim]`` at `slots` from one half (K or V) of a CPU cache view
-    ``[blocks, kv_heads, block_size, head_dim]``."""
-    nb, h, bs, d = cache.shape
+    ``[blocks, kv_heads, block_size, head_dim]`` (copies only the blocks it touches)."""
+    _, h, bs, d = cache.shape
     blk, off = slots // bs, slots % bs
-    if not transposed:
-        return cache[blk, :, off, :]
-    # K block interior stored as [head_dim, block_size]
-    flat = cache.reshape(nb, h, bs * d) if cache.is_contiguous() else cache.contiguous().reshape(nb, h, bs * d)
-    blocks = flat.view(nb, h, d, bs)
-    return blocks[blk, :, :, off]
+    used, inv = torch.unique(blk, return_inverse=True)
+    blocks = cache[used]  # [u, h, bs, d], contiguous copy of the touched blocks
+    if transposed:  # K block interior stored as [head_dim, block_size]
+        return blocks.reshape(len(used), h, d, bs)[inv, :, :, off]
+    return blocks[inv, :, off, :]
 
 
 class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):

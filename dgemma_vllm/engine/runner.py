@@ -200,6 +200,9 @@ class DGemmaRunnerMixin:
                 o += st.length
         self.dg_stats["steps"] += 1
         self.dg_stats["step_time"] += time.perf_counter() - self.dg_t0
+        if os.environ.get("DGEMMA_DEBUG_STEPS"):
+            print(f"[dgemma] step {self.dg_stats['steps']} {time.perf_counter() - self.dg_t0:.4f}s "
+                  f"plan={[(m, n) for _, m, n in plan]}", flush=True)
         width = max(2, max((len(t) for t in out), default=0))
         sampled = torch.full((num_reqs, width), -1, dtype=torch.int32)
         for row, toks in enumerate(out):
