@@ -38,11 +38,35 @@ def encode(model, cache, token_ids: list[int]) -> None:
 
 @torch.no_grad()
 def canvas_logits(model, cache, canvas_ids: list[int],
-                  self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Decoder (canvas) pass: softcapped fp32 logits ``[canvas, vocab]``; the cache is read only."""
+                  self_conditioning_logits: torch.Tensor | None = None, *,
+                  prefix_len: int | None = None, position_shift: int = 0,
+                  symmetric_window: bool = False) -> torch.Tensor:
+    """Decoder (canvas) pass: softcapped fp32 logits ``[canvas, vocab]``; the cache is read only.
+
+    `position_shift` and `symmetric_window` ask deliberately different questions (canvas at the
+    wrong positions; sliding layers with the ``|q - k| <= W - 1`` window of flash attention
+    instead of the eager/sdpa rule), used to show that a parity check can fail and as the oracle
+    of the plugin's ``symmetric`` option."""
     ids = torch.tensor([canvas_ids], dtype=torch.long)
+    c = ids.shape[1]
+    L = cache.get_seq_length() if prefix_len is None else prefix_len
+    pos = torch.arange(L + position_shift, L + position_shift + c)[None]
     sc = None if self_conditioning_logits is None else self_conditioning_logits[None]
-    out = model(decoder_input_ids=ids, past_key_values=cache, self_conditioning_logits=sc)
+    kwargs = {}
+    if symmetric_window:
+        cfg = model.config.get_text_config()
+        w = cfg.sliding_window
+        sliding = [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+        kept = cache.layers[sliding[0]].keys.shape[-2]
+        k_pos = torch.arange(L - kept, L + c)
+        q_pos = torch.arange(L, L + c)
+        allowed = (q_pos[:, None] - k_pos[None, :]).abs() <= w - 1
+        mask = torch.zeros(allowed.shape, dtype=torch.float32)
+        mask[~allowed] = torch.finfo(torch.float32).min
+        kwargs["decoder_attention_mask"] = {"full_attention": None,
+                                            "sliding_attention": mask[None, None]}
+    out = model(decoder_input_ids=ids, past_key_values=cache, self_conditioning_logits=sc,
+                decoder_position_ids=pos, **kwargs)
     return out.logits[0]
 
 

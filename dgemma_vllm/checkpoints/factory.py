@@ -96,6 +96,14 @@ GEOMETRIES: dict[str, Geometry] = {
         moe_intermediate_size=48, canvas_length=32, init_std=0.1, perturb=0.25,
         note="second parity geometry (5 sliding : 1 full)",
     ),
+    # Third parity geometry: odd canvas (12), tiny window (8), top-3 of 6 experts, 4 query heads.
+    "tiny_alt": Geometry(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=64,
+        num_global_key_value_heads=1, sliding_window=8, num_experts=6, top_k_experts=3,
+        moe_intermediate_size=32, canvas_length=12, layer_types=(S, S, F),
+        init_std=0.1, perturb=0.25, note="third parity geometry (odd canvas, window 8)",
+    ),
     # CPU benchmarks: 6 sliding + 2 full layers, realistic head dims and a 256-token canvas.
     "medium": Geometry(
         vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,

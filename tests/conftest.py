@@ -1,0 +1,56 @@
+"""Shared fixtures: random-weight checkpoints (built once, cached under .cache/) and vLLM engines.
+
+Engines are expensive (~30 s to start on 2 cores): each test module starts the ones it needs
+once (module scope) and shuts them down before the next module starts its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DGEMMA_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def checkpoint(geometry: str = "tiny", **kwargs) -> Path:
+    from dgemma_vllm.checkpoints.factory import cached_checkpoint
+
+    return cached_checkpoint(geometry, **kwargs)
+
+
+def start_llm(path, *, capture_dir: str | None = None, **kwargs):
+    """A vLLM engine with the plugin (loaded through its entry point) on `path`."""
+    from vllm import LLM
+
+    args = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
+                max_model_len=1024, max_num_seqs=16, seed=0)
+    args.update(kwargs)
+    old = os.environ.get("DGEMMA_CAPTURE_DIR")
+    if capture_dir:
+        os.environ["DGEMMA_CAPTURE_DIR"] = str(capture_dir)
+    try:
+        return LLM(str(path), **args)
+    finally:
+        if capture_dir:
+            if old is None:
+                os.environ.pop("DGEMMA_CAPTURE_DIR", None)
+            else:
+                os.environ["DGEMMA_CAPTURE_DIR"] = old
+
+
+def stop_llm(llm) -> None:
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt() -> Path:
+    return checkpoint("tiny")
