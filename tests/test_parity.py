@@ -95,8 +95,7 @@ def run(request, tmp_path_factory):
     path = checkpoint(geometry, **case["ckpt"])
     model = ref.load_reference(str(path))
     reqs = make_requests(geometry)
-    if request.param == "tiny":
-        reqs.append(find_eos_request(model, geometry))
+    reqs.append(find_eos_request(model, geometry))
     capture = tmp_path_factory.mktemp(f"capture_{request.param}")
     llm = start_llm(path, capture_dir=str(capture), **case["engine"])
     try:
@@ -138,9 +137,7 @@ def test_lengths_are_exact(run):
 
 
 def test_eos_inside_canvas(run):
-    if run["name"] != "tiny":
-        pytest.skip("the EOS request is part of the tiny batch only")
-    c = get_geometry("tiny").canvas_length
+    c = get_geometry(run["geometry"]).canvas_length
     got = run["got"][-1]
     assert got[-1] in EOS_IDS and (len(got) - 1) % c != c - 1 and len(got) < 3 * c
 
@@ -186,8 +183,6 @@ def test_canvas_logits_match_reference(run):
 
 
 def test_check_detects_wrong_rope_and_wrong_mask(run):
-    if run["name"] not in ("tiny", "small"):
-        pytest.skip("shown on two geometries")
     model = run["model"]
     g = get_geometry(run["geometry"])
     # a step whose prefix is longer than the window, with self-conditioning

@@ -65,6 +65,11 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
             raise ValueError("dgemma_vllm needs async_scheduling=False (the canvas state machine is "
                              "synchronous)")
         mc = vllm_config.model_config
+        # The runner hands per-step inputs (canvas rows, self-conditioning, per-mode layer
+        # scalars) to the model outside the traced graph: run eagerly (no torch.compile / graphs).
+        if not mc.enforce_eager:
+            logger.info("dgemma_vllm: running the model eagerly (enforce_eager=True)")
+            mc.enforce_eager = True
         if mc.max_model_len < canvas_length_of(mc.hf_config) + 1:
             raise ValueError(f"max_model_len ({mc.max_model_len}) must exceed the canvas length "
                              f"({canvas_length_of(mc.hf_config)})")

@@ -51,6 +51,12 @@ class DGemmaRunnerMixin:
         # every denoising step to this directory (torch.save per request).
         self.dg_capture_dir = os.environ.get("DGEMMA_CAPTURE_DIR") or None
         self.dg_capture: dict[str, list] = {}
+        self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
+
+    def dg_request_stats(self) -> dict[str, dict]:
+        """Per-request refinement statistics (live and recently finished requests)."""
+        live = {rid: st.stats() for rid, st in self.dg_states.items()}
+        return {**self.dg_finished, **live}
 
     # ------------------------------------------------------------------ state
     def _dg_state(self, req_id: str) -> CanvasState:
@@ -71,7 +77,11 @@ class DGemmaRunnerMixin:
 
     def _update_states(self, scheduler_output):
         for req_id in scheduler_output.finished_req_ids:
-            self.dg_states.pop(req_id, None)
+            st = self.dg_states.pop(req_id, None)
+            if st is not None:
+                self.dg_finished[req_id] = st.stats()
+                while len(self.dg_finished) > 4096:
+                    self.dg_finished.pop(next(iter(self.dg_finished)))
         return super()._update_states(scheduler_output)
 
     # ------------------------------------------------------------------ inputs

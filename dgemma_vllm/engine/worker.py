@@ -32,6 +32,9 @@ if _CPUWorker is not None:
     DGemmaCPUModelRunner = _runner_class(_CPUModelRunner)
 
     class DGemmaCPUWorker(_CPUWorker):
+        def dgemma_request_stats(self) -> dict:
+            return self.model_runner.dg_request_stats()
+
         def init_device(self):
             super().init_device()
             self.model_runner = DGemmaCPUModelRunner(self.vllm_config, torch.device("cpu"))
@@ -45,5 +48,8 @@ except ImportError:
 if _Worker is not None:
 
     class DGemmaGPUWorker(_Worker):
+        def dgemma_request_stats(self) -> dict:
+            return self.model_runner.dg_request_stats()
+
         def _make_model_runner(self):
             return _runner_class(_GPUModelRunner)(self.vllm_config, self.device)

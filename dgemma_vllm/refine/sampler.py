@@ -43,6 +43,9 @@ class CanvasState:
     def length(self) -> int:
         return 0 if self.canvas is None else self.canvas.shape[1]
 
+    def stats(self) -> dict:
+        return {"canvases": self.canvases, "denoising_steps": self.steps}
+
     def start_canvas(self, n: int) -> None:
         """Initial canvas: uniform over the full vocabulary (reference G394-404)."""
         self.canvas = torch.randint(0, self.vocab_size, (1, n), generator=self.generator)

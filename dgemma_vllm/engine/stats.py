@@ -1,0 +1,12 @@
+"""Per-request refinement statistics, fetched from the workers of an offline ``LLM``."""
+
+from __future__ import annotations
+
+
+def request_stats(llm) -> dict[str, dict]:
+    """``{user request id: {"canvases", "denoising_steps"}}`` from rank 0's runner.
+
+    vLLM suffixes user request ids internally (``"3" -> "3-1a2b3c4d"``); the suffix is removed."""
+    per_worker = llm.collective_rpc("dgemma_request_stats")
+    stats = per_worker[0] if per_worker else {}
+    return {rid.rsplit("-", 1)[0]: s for rid, s in stats.items()}
