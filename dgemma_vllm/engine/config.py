@@ -40,6 +40,14 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
             hf.canvas_length = None
         elif getattr(hf, "dgemma_canvas_length", None) is None:
             hf.dgemma_canvas_length = 256
+        # Admission-time validation of SamplingParams (see validation.py).
+        validator = "dgemma_vllm.engine.validation:DGemmaParamsValidator"
+        procs = list(model_config.logits_processors or [])
+        others = [p for p in procs if p != validator]
+        if others:
+            raise ValueError("dgemma_vllm does its own sampling and cannot apply custom logits "
+                             f"processors; got logits_processors={others}")
+        model_config.logits_processors = [validator]
         window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
         if window not in ("reference", "symmetric"):
             raise ValueError("dgemma_canvas_window must be 'reference' or 'symmetric', "

@@ -49,3 +49,8 @@ class DGemmaScheduler(V.Scheduler):
             req.spec_token_ids = [PLACEHOLDER_ID] * n
             budget -= n
         return super().schedule(*args, **kwargs)
+
+    def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
+        # Canvas tokens ride the draft path but are not speculative drafts: keep them out of
+        # vLLM's speculative-decoding metrics (which also assume a speculative config).
+        return spec_decoding_stats

