@@ -1,0 +1,416 @@
+"""Side-by-side benchmark: the plugin in vLLM vs autoregressive Gemma 4 in the same vLLM vs the
+`transformers` reference, on the same backbone geometry, in one run on one machine.
+
+    .venv/bin/python benchmarks/bench.py                      # CPU defaults: medium, 1/4/16, 8 & 16 steps
+    .venv/bin/python benchmarks/bench.py --geometry full --concurrency 1,8,32,64 --dtype bfloat16  # GPU machine
+
+Systems (each started once, used for every point, stopped before the next):
+  plugin      DiffusionGemma through vLLM with dgemma_vllm (offline LLM and `vllm serve`)
+  ar          Gemma4ForCausalLM, same geometry and random weights, in the same vLLM
+  reference   transformers' DiffusionGemmaForBlockDiffusion.generate (batched; offline only)
+
+Random weights never converge, so every canvas runs exactly the fixed number of denoising steps
+set with ``--steps`` (the per-request knob ``diffusion_max_steps``; ``max_denoising_steps`` for
+the reference). Output length is fixed (``ignore_eos``). Per point: output tokens/s, request
+latency, time to first token, time per canvas, tokens per forward, denoising steps per canvas,
+peak memory (RSS of the process tree), and the ratios plugin/ar and plugin/reference.
+Results: results.json, results.md, throughput.png, ttft.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ----------------------------------------------------------------------------- helpers
+class PeakRSS:
+    """Peak resident memory of this process and its children, sampled every 50 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self):
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:
+                pass
+        return total
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rnd = random.Random(seed)
+    return [[rnd.randrange(5, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def summarize(system, mode, conc, steps, tokens, wall, latencies, ttfts, peak, extra=None):
+    row = dict(system=system, mode=mode, concurrency=conc, steps=steps, output_tokens=tokens,
+               wall_s=wall, tokens_per_s=tokens / wall if wall > 0 else None,
+               latency_s=statistics.mean(latencies) if latencies else None,
+               ttft_s=statistics.mean([t for t in ttfts if t is not None]) if any(t is not None for t in ttfts) else None,
+               peak_rss_gb=peak / 2**30 if peak else None)
+    row.update(extra or {})
+    return row
+
+
+# ----------------------------------------------------------------------------- vLLM offline
+def vllm_engine(path, args, diffusion: bool):
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(str(path), dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.prompt_len + args.output_len + 512, max_num_seqs=max(args.conc_list),
+              max_num_batched_tokens=max(8192, max(args.conc_list) * 256), seed=0,
+              disable_log_stats=False, enforce_eager=True)
+    return llm, time.perf_counter() - t0
+
+
+def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
+    from vllm import SamplingParams
+
+    from dgemma_vllm.engine.stats import request_stats
+
+    diffusion = system == "plugin"
+    prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
+    extra = {"diffusion_max_steps": steps} if diffusion else None
+    params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True, seed=i, extra_args=extra)
+              for i in range(conc)]
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    lat, ttft = [], []
+    for o in outs:
+        m = o.metrics
+        if m is not None and getattr(m, "first_token_latency", 0):
+            ttft.append(m.first_token_latency)
+        if m is not None and getattr(m, "last_token_ts", 0) and getattr(m, "first_token_ts", 0):
+            lat.append(m.first_token_latency + (m.last_token_ts - m.first_token_ts))
+    extra_cols = {}
+    if diffusion:
+        st = request_stats(llm)
+        mine = [st.get(o.request_id) for o in outs]
+        canv = sum(s["canvases"] for s in mine if s)
+        steps_total = sum(s["denoising_steps"] for s in mine if s)
+        extra_cols = dict(canvases=canv, steps_per_canvas=steps_total / canv if canv else None,
+                          tokens_per_forward=tokens / steps_total if steps_total else None,
+                          time_per_canvas_s=(statistics.mean(lat) / (canv / conc)) if lat and canv else None)
+    else:
+        extra_cols = dict(tokens_per_forward=1.0)
+    return summarize(system, "offline", conc, steps if diffusion else None, tokens, wall, lat, ttft,
+                     mem.peak, extra_cols)
+
+
+# ----------------------------------------------------------------------------- reference
+def run_reference(model, conc, steps, args, vocab, canvas):
+    import torch
+
+    class FirstCanvas:
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
+    ids = torch.tensor(prompts, dtype=torch.long)
+    streamer = FirstCanvas()
+    torch.manual_seed(0)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=args.output_len, max_denoising_steps=steps,
+                             eos_token_id=None, pad_token_id=None, streamer=streamer)
+        wall = time.perf_counter() - t0
+    seqs = out.sequences if hasattr(out, "sequences") else out
+    tokens = conc * min(args.output_len, seqs.shape[1] - args.prompt_len)
+    canv = math.ceil(args.output_len / canvas)
+    ttft = streamer.first - t0 if streamer.first else None
+    return summarize("reference", "offline", conc, steps, tokens, wall, [wall] * conc, [ttft], mem.peak,
+                     dict(canvases=canv * conc, steps_per_canvas=float(steps),
+                          tokens_per_forward=args.output_len / (steps * canv),
+                          time_per_canvas_s=wall / canv))
+
+
+# ----------------------------------------------------------------------------- server
+@contextmanager
+def vllm_server(path, args, port):
+    import requests
+
+    cmd = [sys.executable, "-m", "dgemma_vllm.cli", "serve", str(path), "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", "m", "--dtype", args.dtype,
+           "--max-model-len", str(args.prompt_len + args.output_len + 512),
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+           "--max-num-seqs", str(max(args.conc_list)), "--enforce-eager",
+           "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
+    log = open(Path(args.out) / f"server_{port}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited, see {log.name}")
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def run_server(base, system, conc, steps, args, vocab):
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key="none", timeout=3600)
+    prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
+    extra = {"ignore_eos": True}
+    if system == "plugin":
+        extra["vllm_xargs"] = {"diffusion_max_steps": steps}
+
+    def one(i):
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for ev in client.completions.create(model="m", prompt=prompts[i], max_tokens=args.output_len,
+                                            seed=i, stream=True, extra_body=extra,
+                                            stream_options={"include_usage": True}):
+            if ev.choices and ev.choices[0].text and first is None:
+                first = time.perf_counter() - t0
+            if ev.usage is not None:
+                n = ev.usage.completion_tokens
+        return time.perf_counter() - t0, first, n
+
+    with PeakRSS() as mem, ThreadPoolExecutor(conc) as ex:
+        t0 = time.perf_counter()
+        res = list(ex.map(one, range(conc)))
+        wall = time.perf_counter() - t0
+    tokens = sum(r[2] for r in res)
+    return summarize(system, "server", conc, steps if system == "plugin" else None, tokens, wall,
+                     [r[0] for r in res], [r[1] for r in res], mem.peak)
+
+
+# ----------------------------------------------------------------------------- report
+def add_ratios(rows):
+    def find(system, mode, conc, steps):
+        for r in rows:
+            if (r["system"], r["mode"], r["concurrency"]) == (system, mode, conc) and \
+                    (system == "ar" or r["steps"] == steps):
+                return r
+        return None
+
+    for r in rows:
+        if r["system"] != "plugin":
+            continue
+        ar = find("ar", r["mode"], r["concurrency"], None)
+        hf = find("reference", "offline", r["concurrency"], r["steps"])
+        r["plugin_over_ar"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar else None
+        r["plugin_over_reference"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+
+
+def fmt(v, nd=2):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) >= 0.01 else f"{v:.2e}"
+    return str(v)
+
+
+def write_report(rows, meta, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    cols = ["system", "mode", "concurrency", "steps", "tokens_per_s", "latency_s", "ttft_s",
+            "time_per_canvas_s", "tokens_per_forward", "steps_per_canvas", "peak_rss_gb",
+            "plugin_over_ar", "plugin_over_reference"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(rows, key=lambda r: (r["mode"], r["steps"] or 0, r["concurrency"], r["system"])):
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    md = [f"# Benchmark results ({meta['date']})", "",
+          f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
+          f"- command: `{meta['command']}`",
+          f"- geometry: {meta['geometry']} ({meta['dtype']}), prompt {meta['prompt_len']} tokens, "
+          f"output {meta['output_len']} tokens (ignore_eos), fixed denoising steps {meta['steps']}",
+          f"- engine start: {meta.get('engine_start_s')}", "", *lines, ""]
+    (out / "results.md").write_text("\n".join(md))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for metric, fname, label in [("tokens_per_s", "throughput.png", "output tokens/s"),
+                                     ("ttft_s", "ttft.png", "time to first token (s)")]:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            keys = sorted({(r["system"], r["mode"], r["steps"]) for r in rows}, key=str)
+            for k in keys:
+                pts = sorted([(r["concurrency"], r[metric]) for r in rows
+                              if (r["system"], r["mode"], r["steps"]) == k and r.get(metric) is not None])
+                if pts:
+                    name = f"{k[0]} ({k[1]}{', ' + str(k[2]) + ' steps' if k[2] else ''})"
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel(label)
+            ax.set_title(f"{meta['geometry']} geometry, {meta['machine_short']}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=110)
+            plt.close(fig)
+    except ImportError:
+        print("[bench] matplotlib missing: no plots")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--geometry", default="medium")
+    ap.add_argument("--concurrency", default="1,4,16", help="comma list, e.g. 1,4,16,64")
+    ap.add_argument("--steps", default="8,16", help="fixed denoising steps per canvas, comma list")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--systems", default="plugin,ar,reference")
+    ap.add_argument("--modes", default="offline,server")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = ap.parse_args(argv)
+    args.conc_list = [int(x) for x in args.concurrency.split(",")]
+    steps_list = [int(x) for x in args.steps.split(",")]
+    systems = args.systems.split(",")
+    modes = args.modes.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from tqdm import tqdm
+
+    from dgemma_vllm.checkpoints.factory import cached_checkpoint, get_geometry
+
+    geo = get_geometry(args.geometry)
+    if args.geometry == "full":
+        raise SystemExit("the full geometry has no CPU-sized weights here; build them on the GPU "
+                         "machine with make_diffusion_checkpoint(..., 'full', dtype='bfloat16')")
+    ck = {"plugin": cached_checkpoint(args.geometry, dtype=args.dtype),
+          "reference": cached_checkpoint(args.geometry, dtype=args.dtype),
+          "ar": cached_checkpoint(args.geometry, kind="autoregressive", dtype=args.dtype)}
+    rows, starts = [], {}
+    total = sum(len(args.conc_list) * (len(steps_list) if s != "ar" else 1) *
+                (len([m for m in modes if not (s == "reference" and m == "server")]))
+                for s in systems)
+    bar = tqdm(total=total, desc="bench", unit="pt")
+    if "offline" in modes:
+        for system in [s for s in systems if s in ("plugin", "ar")]:
+            llm, starts[system] = vllm_engine(ck[system], args, system == "plugin")
+            try:
+                run_vllm_offline(llm, system, 1, steps_list[0], argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length}),
+                                 geo.vocab_size, geo.canvas_length)  # warm-up
+                for steps in (steps_list if system == "plugin" else [None]):
+                    for c in args.conc_list:
+                        rows.append(run_vllm_offline(llm, system, c, steps or 0, args, geo.vocab_size, geo.canvas_length))
+                        bar.update(1)
+                        bar.set_postfix_str(f"{system} c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
+            finally:
+                from vllm.distributed import cleanup_dist_env_and_memory
+
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                except Exception:
+                    pass
+                del llm
+                cleanup_dist_env_and_memory()
+        if "reference" in systems:
+            import torch
+
+            from dgemma_vllm.reference import load_reference
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            model = load_reference(str(ck["reference"]), dtype=args.dtype)
+            run_reference(model, 1, 2, argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length}),
+                          geo.vocab_size, geo.canvas_length)  # warm-up
+            for steps in steps_list:
+                for c in args.conc_list:
+                    rows.append(run_reference(model, c, steps, args, geo.vocab_size, geo.canvas_length))
+                    bar.update(1)
+                    bar.set_postfix_str(f"reference c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
+            del model
+    if "server" in modes:
+        import socket
+
+        for system in [s for s in systems if s in ("plugin", "ar")]:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            with vllm_server(ck[system], args, port) as base:
+                for steps in (steps_list if system == "plugin" else [None]):
+                    for c in args.conc_list:
+                        rows.append(run_server(base, system, c, steps or 0, args, geo.vocab_size))
+                        bar.update(1)
+                        bar.set_postfix_str(f"{system} server c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
+    bar.close()
+    add_ratios(rows)
+    import torch
+    import transformers
+    import vllm
+
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                        f"{round(__import__('psutil').virtual_memory().total / 2**30)} GiB RAM, no GPU",
+                machine_short=f"{os.cpu_count()}-core CPU",
+                versions=f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
+                command=" ".join([Path(sys.executable).name, "benchmarks/bench.py", *(argv or sys.argv[1:])]),
+                geometry=args.geometry, dtype=args.dtype, prompt_len=args.prompt_len,
+                output_len=args.output_len, steps=steps_list,
+                engine_start_s={k: round(v, 1) for k, v in starts.items()})
+    write_report(rows, meta, out)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
