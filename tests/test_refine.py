@@ -92,3 +92,21 @@ def test_bad_knobs_name_the_parameter(bad, match):
 def test_defaults_come_from_generation_config(tiny_ckpt):
     p = from_generation_config(str(tiny_ckpt))
     assert (p.max_steps, p.entropy_bound, p.t_min, p.t_max) == (48, 0.1, 0.4, 0.8)
+
+
+def test_lean_entropy_is_bitwise_categorical():
+    from dgemma_vllm.refine.sampler import entropy
+
+    x = torch.randn(3, 17, 1000, generator=torch.Generator().manual_seed(1)) * 4
+    assert torch.equal(entropy(x), torch.distributions.Categorical(logits=x).entropy())
+
+
+def test_inverse_cdf_sampler_has_the_right_distribution():
+    from dgemma_vllm.refine.sampler import sample_inverse_cdf
+
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0, 0.125])
+    g = torch.Generator().manual_seed(0)
+    draws = sample_inverse_cdf(probs.expand(200_000, 5).contiguous(), g)
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert freq[3] == 0
+    assert torch.allclose(freq, probs, atol=0.005)

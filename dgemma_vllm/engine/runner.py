@@ -50,6 +50,7 @@ class DGemmaRunnerMixin:
         # Test hook: record (prefix length, canvas ids, self-conditioning logits, logits) of
         # every denoising step to this directory (torch.save per request).
         self.dg_capture_dir = os.environ.get("DGEMMA_CAPTURE_DIR") or None
+        self.dg_exact_unseeded = os.environ.get("DGEMMA_EXACT_NOISE", "0") == "1"
         self.dg_capture: dict[str, list] = {}
         self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
 
@@ -71,7 +72,10 @@ class DGemmaRunnerMixin:
                 gen.manual_seed(int(sp.seed))
             else:
                 gen.seed()
-            st = CanvasState(params=params, vocab_size=self.dg_vocab, generator=gen)
+            # Seeded requests draw the reference's noise in the reference's order; unseeded ones
+            # use the cheaper one-uniform-per-position sampler (same distribution).
+            st = CanvasState(params=params, vocab_size=self.dg_vocab, generator=gen,
+                             exact_noise=sp.seed is not None or self.dg_exact_unseeded)
             self.dg_states[req_id] = st
         return st
 
@@ -178,7 +182,7 @@ class DGemmaRunnerMixin:
         num_reqs = len(plan)
         out: list[list[int]] = [[] for _ in range(num_reqs)]
         off = 0
-        sc_states, sc_logits = [], []
+        sc_states, sc_logits, sc_probs = [], [], []
         for row, (req_id, mode, n) in enumerate(plan):
             if mode == DENOISE:
                 st = self.dg_states[req_id]
@@ -186,12 +190,13 @@ class DGemmaRunnerMixin:
                 off += n
                 if self.dg_capture_dir:
                     self._dg_record(req_id, row, st, lg)
-                processed = refine_step(st, lg)
+                processed, probs = refine_step(st, lg)
                 if self.dg_capture_dir:
                     st._sc_logits = processed.clone()
                 if st.commit is None:
                     sc_states.append(st)
                     sc_logits.append(processed)
+                    sc_probs.append(probs)
                 self.dg_stats["denoise_rows"] += 1
             elif mode == COMMIT:
                 st = self.dg_states[req_id]
@@ -200,9 +205,17 @@ class DGemmaRunnerMixin:
                 if self.dg_capture_dir and req_id in self.dg_capture:
                     self._dg_flush_capture(req_id)
         if sc_states:
+            # self-conditioning: softmax(processed logits cast to the embedding dtype) @ E * sqrt(H),
+            # one matmul for every continuing canvas; the sampler's softmax is reused when it is
+            # the same tensor (fp32 embeddings, temperature 1)
             emb_dtype = model.model.embed_tokens.weight.dtype
-            stacked = torch.cat(sc_logits).to(emb_dtype)
-            probs = torch.softmax(stacked, dim=-1, dtype=torch.float32)
+            parts = []
+            for lg_, pr_ in zip(sc_logits, sc_probs):
+                if pr_ is not None and emb_dtype == torch.float32:
+                    parts.append(pr_)
+                else:
+                    parts.append(torch.softmax(lg_.to(emb_dtype), dim=-1, dtype=torch.float32))
+            probs = torch.cat(parts) if len(parts) > 1 else parts[0]
             soft = model.soft_embeddings(probs.to(logits.device))
             o = 0
             for st in sc_states:

@@ -27,6 +27,7 @@ class CanvasState:
     params: DiffusionParams
     vocab_size: int
     generator: torch.Generator | None
+    exact_noise: bool = True  # reference-order multinomial draws (seeded requests)
     canvas: torch.Tensor | None = None  # [1, n] current (noisy) canvas
     argmax: torch.Tensor | None = None  # [1, n] argmax canvas of the last step
     history: torch.Tensor | None = None  # [stability, 1, n] previous argmax canvases
@@ -70,27 +71,47 @@ def temperature(params: DiffusionParams, cur_step: int) -> torch.Tensor:
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    return torch.distributions.Categorical(logits=logits).entropy()
+    """``Categorical(logits=logits).entropy()`` with the same operations (so the same bits),
+    without the distribution object's validation and caching overhead."""
+    norm = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(norm, dim=-1)
+    return -(torch.clamp(norm, min=torch.finfo(norm.dtype).min) * probs).sum(-1)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One categorical draw per row from a single uniform per row (inverse CDF). Used for
+    unseeded requests: ``multinomial`` draws one exponential per vocabulary entry, which on CPU
+    costs more than the rest of the sampler. Same distribution, different random stream."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 @torch.no_grad()
-def refine_step(state: CanvasState, raw_logits: torch.Tensor) -> torch.Tensor:
+def refine_step(state: CanvasState, raw_logits: torch.Tensor):
     """One denoising step for one request. `raw_logits` are the softcapped fp32 canvas logits
     ``[n, vocab]``. Updates `state` (canvas, argmax, stopping, `commit` when done) and returns
-    the processed (temperature-scaled) logits ``[n, vocab]`` that self-condition the next step."""
+    ``(processed, probs)``: the processed (temperature-scaled) logits ``[n, vocab]`` that
+    self-condition the next step, and their softmax when it was computed (else None)."""
     p = state.params
     logits = raw_logits[None].float()  # [1, n, V]
     sched_t = temperature(p, state.cur_step)
     processed = logits / sched_t
     n = logits.shape[1]
     v = logits.shape[2]
+    probs = None
     if p.temperature == 0.0:  # greedy: no sampling noise (renoising still draws)
         denoiser = processed.argmax(-1)
     else:
         scaled = processed if p.temperature == 1.0 else logits / (sched_t * p.temperature)
-        probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-        denoiser = torch.multinomial(probs.view(-1, v), num_samples=1,
-                                     generator=state.generator).view(1, n)
+        sample_probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+        if p.temperature == 1.0:
+            probs = sample_probs
+        if state.exact_noise:
+            denoiser = torch.multinomial(sample_probs.view(-1, v), num_samples=1,
+                                         generator=state.generator).view(1, n)
+        else:
+            denoiser = sample_inverse_cdf(sample_probs.view(-1, v), state.generator).view(1, n)
     new_argmax = processed.argmax(-1)
 
     # entropy-bound acceptance (G437-448)
@@ -121,4 +142,4 @@ def refine_step(state: CanvasState, raw_logits: torch.Tensor) -> torch.Tensor:
     state.cur_step -= 1
     if (stable and confident) or state.cur_step == 0:
         state.commit = new_argmax[0].clone()  # the ARGMAX canvas is committed (G793)
-    return processed[0]
+    return processed[0], (None if probs is None else probs[0])
