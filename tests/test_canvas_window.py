@@ -1,4 +1,6 @@
-"""The selectable symmetric sliding window for canvas rows, against its own oracle.
+"""Server-level options given at start-up with --hf-overrides: the symmetric sliding window for
+canvas rows (against its own oracle) and sampler defaults (diffusion_max_steps).
+
 
 ``--hf-overrides '{"dgemma_canvas_window": "symmetric"}'`` makes sliding layers in canvas mode
 use ``|q - k| <= W - 1`` (HF's flash-attention path, upstream vLLM). Its oracle is the
@@ -13,6 +15,7 @@ import torch
 
 from conftest import start_llm, stop_llm
 from dgemma_vllm import reference as ref
+from dgemma_vllm.engine.stats import request_stats
 from dgemma_vllm.checkpoints.factory import get_geometry
 
 REL_TOL = 1e-4
@@ -28,20 +31,23 @@ def captured(tiny_ckpt, tmp_path_factory):
 
     cap = tmp_path_factory.mktemp("capture_sym")
     llm = start_llm(tiny_ckpt, capture_dir=str(cap),
-                    hf_overrides={"dgemma_canvas_window": "symmetric"})
+                    hf_overrides={"dgemma_canvas_window": "symmetric", "diffusion_max_steps": 2})
     prompt = [(7 * i) % 400 + 5 for i in range(40)]  # longer than the window (16)
     try:
-        out = llm.generate([{"prompt_token_ids": prompt}],
-                           SamplingParams(max_tokens=48, seed=4, ignore_eos=True,
-                                          extra_args={"diffusion_max_steps": 3}), use_tqdm=False)[0]
+        outs = llm.generate([{"prompt_token_ids": prompt}] * 2,
+                            [SamplingParams(max_tokens=48, seed=4, ignore_eos=True,
+                                            extra_args={"diffusion_max_steps": 3}),
+                             SamplingParams(max_tokens=48, ignore_eos=True)], use_tqdm=False)
+        stats = request_stats(llm)
     finally:
         stop_llm(llm)
-    steps = torch.load(next(cap.glob("*.pt")))
-    return prompt, list(out.outputs[0].token_ids), steps
+    rid = outs[0].request_id
+    steps = torch.load(next(f for f in cap.glob("*.pt") if f.stem.rsplit("-", 1)[0] == rid))
+    return prompt, list(outs[0].outputs[0].token_ids), steps, stats[outs[1].request_id]
 
 
 def test_symmetric_window_matches_its_oracle_and_differs_from_default(captured, tiny_ckpt):
-    prompt, committed, steps = captured
+    prompt, committed, steps, _ = captured
     model = ref.load_reference(str(tiny_ckpt))
     c = get_geometry("tiny").canvas_length
     cache = ref.new_cache(model)
@@ -61,3 +67,8 @@ def test_symmetric_window_matches_its_oracle_and_differs_from_default(captured, 
     assert len(steps) == 9
     assert worst_sym <= REL_TOL
     assert max_default > 10 * REL_TOL
+
+
+def test_server_level_sampler_default_takes_effect(captured):
+    stats = captured[3]  # request without knobs on a server started with diffusion_max_steps=2
+    assert stats == {"canvases": 3, "denoising_steps": 6}

@@ -84,7 +84,12 @@ def test_max_model_len_is_respected(llm):
     (dict(extra_args={"diffusion_max_steps": 0}), "diffusion_max_steps"),
     (dict(extra_args={"diffusion_t_min": 0.9, "diffusion_t_max": 0.1}), "diffusion_t_min"),
     (dict(extra_args={"diffusion_bogus": 1}), "diffusion_bogus"),
-    (dict(extra_args={"diffusion_seed_canvas": [1, 2]}), "diffusion_seed_canvas"),
+    (dict(extra_args={"diffusion_seed_canvas": [1, 2]}), "diffusion_seed_canvas must hold exactly 16"),
+    (dict(extra_args={"diffusion_seed_canvas": [999] * 16}), "diffusion_seed_canvas ids must be in"),
+    (dict(extra_args={"diffusion_pinned": [0, 1]}), "diffusion_pinned needs diffusion_seed_canvas"),
+    (dict(extra_args={"diffusion_seed_canvas": [5] * 16, "diffusion_pinned": [16]}), "diffusion_pinned must"),
+    (dict(extra_args={"diffusion_canvas_length": 17}), "diffusion_canvas_length must be an integer in \\[1, 16\\]"),
+    (dict(extra_args={"diffusion_stream_drafts": True}), "diffusion_stream_drafts"),
 ])
 def test_unsupported_or_bad_params_are_refused(llm, kwargs, name):
     from vllm.exceptions import VLLMValidationError
@@ -110,8 +115,55 @@ def test_batch_equals_solo_and_requests_join_between_steps(llm, model):
               for i, s in enumerate(seeds)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for p, sp, o in zip(prompts, params, outs):
-        want = reference_tokens(model, sp.seed, sp.max_tokens, prompt=p)[: sp.max_tokens]
-        eos = [i for i, t in enumerate(want) if t in (EOS_ID, EOT_ID)]
-        if eos:  # the reference keeps the EOS and pads after it; vLLM stops there
-            want = want[: eos[0] + 1]
+        want = ref.expected_tokens(model, p, sp.seed, sp.max_tokens, (EOS_ID, EOT_ID),
+                                   max_denoising_steps=3)
         assert list(o.outputs[0].token_ids) == want
+
+
+def test_seed_canvas_with_pins_is_kept_and_seed_canvas_matches_reference(llm, model):
+    seed = [(37 * i) % 400 + 5 for i in range(16)]
+    pins = [0, 1, 2, 10, 15]
+    o = gen(llm, max_tokens=32, seed=9, ignore_eos=True,
+            extra_args={"diffusion_seed_canvas": seed, "diffusion_pinned": pins, "diffusion_max_steps": 3})
+    assert all(o.token_ids[i] == seed[i] for i in pins)
+    # without pins a seed canvas is the reference's `decoder_input_ids` for the first canvas
+    o2 = gen(llm, max_tokens=32, seed=9, extra_args={"diffusion_seed_canvas": seed, "diffusion_max_steps": 3})
+    import torch
+
+    want = ref.expected_tokens(model, PROMPT, 9, 32, (EOS_ID, EOT_ID), max_denoising_steps=3,
+                               decoder_input_ids=torch.tensor([seed]))
+    assert list(o2.token_ids) == want
+
+
+def test_shorter_canvas_per_request(llm, model):
+    from dgemma_vllm.engine.stats import request_stats
+
+    o = gen(llm, max_tokens=24, seed=4, ignore_eos=True,
+            extra_args={"diffusion_canvas_length": 8, "diffusion_max_steps": 2})
+    assert len(o.token_ids) == 24
+    assert request_stats(llm)  # stats are served
+    # reference with an 8-token canvas
+    model.config.canvas_length, old = 8, model.config.canvas_length
+    try:
+        want = ref.expected_tokens(model, PROMPT, 4, 24, (EOS_ID, EOT_ID), max_denoising_steps=2)
+    finally:
+        model.config.canvas_length = old
+    assert list(o.token_ids)[: len(want)] == want
+
+
+def test_examples_run_on_the_shared_engine(llm, tiny_ckpt):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    texts = load("offline_generate").run(llm)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    ids = load("infill_pinned").run(llm, 16)
+    assert len(ids) == 16

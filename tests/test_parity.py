@@ -57,12 +57,8 @@ def make_requests(geometry: str, n: int = 8, seed: int = 0) -> list[Req]:
 
 
 def expected_tokens(model, r: Req) -> list[int]:
-    toks = ref.generate(model, r.prompt, r.seed, max_new_tokens=r.max_tokens,
-                        max_denoising_steps=r.steps)
-    for i, t in enumerate(toks):
-        if t in EOS_IDS:
-            return toks[: i + 1]
-    return toks[: r.max_tokens]
+    return ref.expected_tokens(model, r.prompt, r.seed, r.max_tokens, EOS_IDS,
+                               max_denoising_steps=r.steps)
 
 
 def find_eos_request(model, geometry: str) -> Req:

@@ -25,9 +25,6 @@ def test_preempted_requests_complete_and_equal_reference(tiny_ckpt):
     preemptions = metrics["vllm:num_preemptions"].value
     assert preemptions > 0, "the KV cache was not small enough to force preemption"
     for p, sp, o in zip(prompts, params, outs):
-        want = ref.generate(model, p, sp.seed, max_new_tokens=64, max_denoising_steps=3)[:64]
-        eos = [i for i, t in enumerate(want) if t in (EOS_ID, EOT_ID)]
-        if eos:
-            want = want[: eos[0] + 1]
+        want = ref.expected_tokens(model, p, sp.seed, 64, (EOS_ID, EOT_ID), max_denoising_steps=3)
         assert list(o.outputs[0].token_ids) == want
     print(f"preemptions: {preemptions}")

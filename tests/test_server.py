@@ -75,9 +75,7 @@ def test_completion_equals_reference(client, model, tiny_ckpt):
     prompt = [11, 12, 13, 14, 15]
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, seed=21,
                                   extra_body={"vllm_xargs": XARGS})
-    want = ref.generate(model, prompt, 21, max_new_tokens=40, max_denoising_steps=3)
-    eos = [i for i, t in enumerate(want) if t in (1, 4)]
-    want = want[: eos[0] + 1] if eos else want[:40]
+    want = ref.expected_tokens(model, prompt, 21, 40, (1, 4), max_denoising_steps=3)
     assert r.choices[0].text == tok.decode(want, skip_special_tokens=True)
     assert r.usage.completion_tokens == len(want)
 
@@ -143,3 +141,14 @@ def test_abort_in_the_middle_of_a_canvas(server, client):
     assert _metric(server, "vllm:num_requests_running") == 0
     assert _metric(server, "vllm:kv_cache_usage_perc") == 0
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=8).choices[0].text is not None
+
+
+def test_openai_streaming_example(server):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "openai_chat_stream.py"
+    spec = importlib.util.spec_from_file_location("openai_chat_stream", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.run(f"{server}/v1")
+    assert isinstance(text, str) and text

@@ -48,6 +48,14 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
             raise ValueError("dgemma_vllm does its own sampling and cannot apply custom logits "
                              f"processors; got logits_processors={others}")
         model_config.logits_processors = [validator]
+        from dgemma_vllm.refine.params import DiffusionParams, server_overrides
+
+        from . import validation
+
+        overrides = server_overrides(hf)
+        DiffusionParams().with_overrides(overrides)  # bad server defaults fail at start-up
+        validation.SERVED.update(canvas_length=hf.dgemma_canvas_length,
+                                 vocab_size=hf.text_config.vocab_size, defaults=overrides)
         window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
         if window not in ("reference", "symmetric"):
             raise ValueError("dgemma_canvas_window must be 'reference' or 'symmetric', "
@@ -72,6 +80,16 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         if sched.async_scheduling:
             raise ValueError("dgemma_vllm needs async_scheduling=False (the canvas state machine is "
                              "synchronous)")
+        if not current_platform.is_cpu():
+            # GPU: the canvas needs a backend that takes a per-request causal tensor; vLLM's
+            # Triton attention does (FlashAttention only in its FA4 build). The exact-reference
+            # sliding-window fix-up is implemented for the CPU backend only; on GPU canvas rows
+            # of sliding layers use the symmetric window (documented; not run here: no GPU).
+            att = getattr(vllm_config, "attention_config", None)
+            if att is not None and getattr(att, "backend", None) is None:
+                from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+                att.backend = AttentionBackendEnum.TRITON_ATTN
         mc = vllm_config.model_config
         # The runner hands per-step inputs (canvas rows, self-conditioning, per-mode layer
         # scalars) to the model outside the traced graph: run eagerly (no torch.compile / graphs).

@@ -16,6 +16,7 @@ overridden; everything else (input batch, paged KV, attention metadata, forward)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from dgemma_vllm.model.dgemma import StepInputs
-from dgemma_vllm.refine.params import from_generation_config
+from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
+                                       server_overrides)
 from dgemma_vllm.refine.sampler import CanvasState, refine_step
 
 from . import vllm_api as V
@@ -42,7 +44,9 @@ class DGemmaRunnerMixin:
         mc = self.model_config
         self.dg_canvas = canvas_length_of(mc.hf_config)
         self.dg_vocab = mc.hf_config.text_config.vocab_size
-        self.dg_defaults = from_generation_config(mc.model if os.path.isdir(mc.model) else None)
+        # sampler defaults: generation_config.json, then server-level --hf-overrides
+        self.dg_defaults = from_generation_config(
+            mc.model if os.path.isdir(mc.model) else None).with_overrides(server_overrides(mc.hf_config))
         self.dg_states: dict[str, CanvasState] = {}
         self.dg_plan: list[tuple[str, str, int]] | None = None
         self.dg_causal: torch.Tensor | None = None
@@ -71,11 +75,15 @@ class DGemmaRunnerMixin:
             if sp.seed is not None:
                 gen.manual_seed(int(sp.seed))
             else:
-                gen.seed()
+                # Every tensor-parallel rank must draw the same noise: derive the seed from the
+                # request id (unique per request: vLLM appends a random suffix) and the engine seed.
+                digest = hashlib.sha256(f"{self.model_config.seed}:{req_id}".encode()).digest()
+                gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
             # Seeded requests draw the reference's noise in the reference's order; unseeded ones
             # use the cheaper one-uniform-per-position sampler (same distribution).
             st = CanvasState(params=params, vocab_size=self.dg_vocab, generator=gen,
                              exact_noise=sp.seed is not None or self.dg_exact_unseeded)
+            st.knobs = parse_request_knobs(sp.extra_args, self.dg_canvas, self.dg_vocab)
             self.dg_states[req_id] = st
         return st
 
@@ -104,7 +112,8 @@ class DGemmaRunnerMixin:
             st = self._dg_state(req_id)
             start = int(self.input_batch.num_tokens_no_spec[row])
             room = self.max_model_len - start
-            want = st.length if (st.canvas is not None) else min(self.dg_canvas, room)
+            want = st.length if (st.canvas is not None) else min(
+                st.knobs.canvas_length or self.dg_canvas, room)
             if n != want:  # a partial canvas (token budget): compute nothing useful, roll back
                 plan.append((req_id, IDLE, n))
                 continue
@@ -113,7 +122,11 @@ class DGemmaRunnerMixin:
                 plan.append((req_id, COMMIT, n))
             else:
                 if st.canvas is None:
-                    st.start_canvas(n)
+                    k = st.knobs
+                    first = st.canvases == 0
+                    seed = torch.tensor(k.seed_canvas[:n]) if (first and k.seed_canvas) else None
+                    pins = torch.tensor([i for i in k.pinned if i < n]) if (first and k.pinned) else None
+                    st.start_canvas(n, seed=seed, pins=pins)
                 ids = st.canvas[0]
                 plan.append((req_id, DENOISE, n))
                 causal[row] = 0

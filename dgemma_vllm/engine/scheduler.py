@@ -30,7 +30,9 @@ class DGemmaScheduler(V.Scheduler):
     def canvas_len_for(self, request) -> int:
         """Canvas positions for a request with `num_tokens` committed: the full canvas, or the
         room left under max_model_len at the very end of the context."""
-        return max(0, min(self.canvas_length, self.max_model_len - request.num_tokens))
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        n = (extra or {}).get("diffusion_canvas_length") or self.canvas_length
+        return max(0, min(n, self.max_model_len - request.num_tokens))
 
     def schedule(self, *args, **kwargs):
         budget = self.max_num_scheduled_tokens

@@ -14,11 +14,14 @@ import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from dgemma_vllm.refine.params import EXTRA_ARGS, DiffusionParams
+from dgemma_vllm.refine.params import EXTRA_ARGS, DiffusionParams, parse_request_knobs
 
 # Knobs of upstream DiffusionGemma users that this version of the plugin does not implement yet.
-NOT_YET = ("diffusion_canvas_length", "diffusion_seed_canvas", "diffusion_pinned",
-           "diffusion_stream_drafts")
+NOT_YET = ("diffusion_stream_drafts",)
+CANVAS_KNOBS = ("diffusion_canvas_length", "diffusion_seed_canvas", "diffusion_pinned")
+
+# Served geometry, recorded by the config hook in this (front-end) process.
+SERVED = {"canvas_length": 256, "vocab_size": 262144, "defaults": {}}
 
 
 def _reject(parameter: str, message: str, value=None):
@@ -52,10 +55,12 @@ def validate_sampling_params(sp) -> None:
     for key in extra:
         if key in NOT_YET:
             _reject(key, "is not supported by this version of dgemma_vllm", extra[key])
-        if key.startswith("diffusion_") and key not in EXTRA_ARGS:
-            _reject(key, f"unknown diffusion knob; known: {sorted(EXTRA_ARGS)}", extra[key])
+        if key.startswith("diffusion_") and key not in EXTRA_ARGS and key not in CANVAS_KNOBS:
+            _reject(key, f"unknown diffusion knob; known: {sorted([*EXTRA_ARGS, *CANVAS_KNOBS])}",
+                    extra[key])
     try:
-        DiffusionParams().with_overrides(extra)
+        DiffusionParams().with_overrides({**SERVED["defaults"], **extra})
+        parse_request_knobs(extra, SERVED["canvas_length"], SERVED["vocab_size"])
     except ValueError as e:
         name = str(e).split(" ", 1)[0]
         raise VLLMValidationError(str(e), parameter=name) from None

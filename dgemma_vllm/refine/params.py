@@ -95,3 +95,57 @@ def from_generation_config(model_dir: str | None) -> DiffusionParams:
             if g.get(k) is not None:
                 values[k] = g[k]
     return DiffusionParams(**values).validate()
+
+
+def server_overrides(hf_config) -> dict:
+    """Server-level defaults set at start-up with ``--hf-overrides`` using the per-request knob
+    names, e.g. ``--hf-overrides '{"diffusion_max_steps": 16, "diffusion_t_min": 0.3}'``."""
+    return {k: getattr(hf_config, k) for k in EXTRA_ARGS if getattr(hf_config, k, None) is not None}
+
+
+# ----------------------------------------------------------------------------- request knobs
+@dataclass(frozen=True)
+class RequestKnobs:
+    """Per-request canvas controls (``extra_args``): a shorter canvas, a starting canvas for the
+    first block (editing / infill), and positions of that canvas that keep their seed token."""
+
+    canvas_length: int | None = None
+    seed_canvas: tuple[int, ...] | None = None
+    pinned: tuple[int, ...] | None = None
+
+
+def parse_request_knobs(extra: dict | None, served_canvas: int, vocab_size: int) -> RequestKnobs:
+    extra = extra or {}
+
+    def int_list(name, value):
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise ValueError(f"{name} must be a list of integers, got {type(value).__name__}")
+        return tuple(value)
+
+    n = extra.get("diffusion_canvas_length")
+    if n is not None:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= served_canvas:
+            raise ValueError(f"diffusion_canvas_length must be an integer in [1, {served_canvas}] "
+                             f"(the served canvas), got {n!r}")
+    length = n or served_canvas
+    seed = extra.get("diffusion_seed_canvas")
+    if seed is not None:
+        seed = int_list("diffusion_seed_canvas", seed)
+        if len(seed) != length:
+            raise ValueError(f"diffusion_seed_canvas must hold exactly {length} token ids (the canvas "
+                             f"length), got {len(seed)}")
+        bad = [x for x in seed if not 0 <= x < vocab_size]
+        if bad:
+            raise ValueError(f"diffusion_seed_canvas ids must be in [0, {vocab_size}), got {bad[:5]}")
+    pins = extra.get("diffusion_pinned")
+    if pins is not None:
+        pins = int_list("diffusion_pinned", pins)
+        if seed is None:
+            raise ValueError("diffusion_pinned needs diffusion_seed_canvas (pinned positions keep "
+                             "their seed token)")
+        bad = [x for x in pins if not 0 <= x < length]
+        if bad or len(set(pins)) != len(pins):
+            raise ValueError(f"diffusion_pinned must be distinct positions in [0, {length}), got "
+                             f"{list(pins)[:8]}")
+    return RequestKnobs(canvas_length=n, seed_canvas=seed, pinned=pins)

@@ -33,6 +33,8 @@ class CanvasState:
     history: torch.Tensor | None = None  # [stability, 1, n] previous argmax canvases
     cur_step: int = 0  # steps remaining, N..1 (reference `cur_step`)
     soft: torch.Tensor | None = None  # [n, hidden] self-conditioning for the next step
+    seed: torch.Tensor | None = None  # [1, n] seed canvas of a canvas with pinned positions
+    pins: torch.Tensor | None = None  # positions that keep their seed token
     commit: torch.Tensor | None = None  # [n] tokens to commit (set when the canvas is done)
     # statistics
     canvases: int = 0
@@ -47,9 +49,17 @@ class CanvasState:
     def stats(self) -> dict:
         return {"canvases": self.canvases, "denoising_steps": self.steps}
 
-    def start_canvas(self, n: int) -> None:
-        """Initial canvas: uniform over the full vocabulary (reference G394-404)."""
+    def start_canvas(self, n: int, seed: torch.Tensor | None = None,
+                     pins: torch.Tensor | None = None) -> None:
+        """Initial canvas: uniform over the full vocabulary (reference G394-404). A seed canvas
+        (the reference's ``decoder_input_ids``) replaces it; the uniform draw still happens, as
+        in the reference, so the noise that follows is the same. `pins`: positions that keep
+        their seed token through every step and in the committed canvas."""
         self.canvas = torch.randint(0, self.vocab_size, (1, n), generator=self.generator)
+        if seed is not None:
+            self.canvas = seed.view(1, n).clone()
+        self.seed = self.canvas.clone() if pins is not None else None
+        self.pins = pins
         self.argmax = self.canvas
         self.history = None
         self.cur_step = self.params.max_steps
@@ -61,6 +71,7 @@ class CanvasState:
         ids = self.commit
         self.canvases += 1
         self.canvas = self.argmax = self.history = self.soft = self.commit = None
+        self.seed = self.pins = None
         return ids
 
 
@@ -124,6 +135,9 @@ def refine_step(state: CanvasState, raw_logits: torch.Tensor):
     # uniform renoising of every non-accepted position (G450-469)
     noise = torch.randint(0, state.vocab_size, (1, n), generator=state.generator)
     state.canvas = torch.where(~accepted_mask, noise, accepted)
+    if state.pins is not None:  # editing / infill: pinned positions keep their seed token
+        state.canvas[0, state.pins] = state.seed[0, state.pins]
+        new_argmax[0, state.pins] = state.seed[0, state.pins]
 
     # stable-and-confident stopping (G484-540)
     if p.stability_threshold == 0:

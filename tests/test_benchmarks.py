@@ -1,0 +1,46 @@
+"""The benchmark command and the kernel-level script run end to end (tiny geometry, CPU).
+
+This checks that they produce their reports with every column and ratio; the numbers
+themselves are measured by `benchmarks/bench.py` runs recorded in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_command_writes_json_table_and_plots(tmp_path):
+    # examples/benchmark_run.sh: the tiny side-by-side run (its extra arguments go to bench.py)
+    out = tmp_path / "bench"
+    cmd = ["bash", str(ROOT / "examples" / "benchmark_run.sh"),
+           "--gpu-memory-utilization", "0.1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    assert {(x["system"], x["concurrency"]) for x in rows} == {
+        (s, c) for s in ("plugin", "ar", "reference") for c in (1, 2)}
+    for x in rows:
+        assert x["tokens_per_s"] > 0 and x["output_tokens"] == 32 * x["concurrency"]
+        assert x["peak_rss_gb"] > 0
+    for x in [x for x in rows if x["system"] == "plugin"]:
+        assert x["plugin_over_ar"] > 0 and x["plugin_over_reference"] > 0
+        assert x["steps_per_canvas"] == 2.0 and x["tokens_per_forward"] == 8.0  # 16 tokens / 2 steps
+    assert (out / "throughput.png").stat().st_size > 0 and (out / "ttft.png").stat().st_size > 0
+    assert "plugin_over_reference" in (out / "results.md").read_text()
+
+
+def test_kernel_step_script_runs_on_cpu(tmp_path):
+    out = tmp_path / "k.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_kernel_step.py"), "--device", "cpu",
+           "--geometry", "tiny", "--dtype", "float32", "--prefix", "64", "--batches", "1,2",
+           "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert {(x["mode"], x["batch"]) for x in res} == {(m, b) for m in ("refine", "decode") for b in (1, 2)}
+    assert all(x["step_s"] > 0 and x["tflops"] > 0 for x in res)
