@@ -284,6 +284,24 @@ def _perturb_(model, geo: Geometry, seed: int) -> None:
                 t.copy_((1.0 + noise).to(t.dtype))
 
 
+def _write(model_cls, cfg, gen, geo: Geometry, out: Path, *, seed: int, dtype: str,
+           config_only: bool, **save_kwargs) -> None:
+    """Config, generation config, tokenizer and (unless `config_only`) random weights."""
+    import torch
+
+    if config_only:
+        cfg.save_pretrained(out)
+    else:
+        torch.manual_seed(seed)
+        model = model_cls(cfg)
+        _perturb_(model, geo, seed)
+        model = model.to(getattr(torch, dtype))
+        model.generation_config = gen
+        model.save_pretrained(out, **save_kwargs)
+    gen.save_pretrained(out)
+    save_tokenizer(out, geo.vocab_size)
+
+
 def make_diffusion_checkpoint(
     out_dir: str | os.PathLike,
     geometry: str | Geometry = "tiny",
@@ -297,27 +315,15 @@ def make_diffusion_checkpoint(
 ) -> Path:
     """Write a random-weight DiffusionGemma checkpoint (config, generation config, tokenizer,
     weights) to `out_dir` and return its path."""
-    import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
     geo = get_geometry(geometry, **geometry_overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = diffusion_config(geo)
     gen = generation_config(geo, **(sampler_overrides or {}))
-    if config_only:
-        cfg.save_pretrained(out)
-        gen.save_pretrained(out)
-    else:
-        torch.manual_seed(seed)
-        model = DiffusionGemmaForBlockDiffusion(cfg)
-        _perturb_(model, geo, seed)
-        model = model.to(getattr(torch, dtype))
-        model.generation_config = gen
-        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-        model.save_pretrained(out, **kwargs)
-        gen.save_pretrained(out)
-    save_tokenizer(out, geo.vocab_size)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    _write(DiffusionGemmaForBlockDiffusion, diffusion_config(geo), gen, geo, out, seed=seed,
+           dtype=dtype, config_only=config_only, **kwargs)
     (out / "dgemma_geometry.json").write_text(json.dumps(asdict(geo), indent=2))
     return out
 
@@ -333,7 +339,6 @@ def make_autoregressive_checkpoint(
 ) -> Path:
     """Write the autoregressive Gemma 4 (`Gemma4ForCausalLM`) checkpoint of the same backbone
     geometry: MoE block on, k_eq_v full layers, no per-layer embeddings, softcap 30."""
-    import torch
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig, GenerationConfig
 
     geo = get_geometry(geometry, **geometry_overrides)
@@ -350,16 +355,7 @@ def make_autoregressive_checkpoint(
         architectures=["Gemma4ForCausalLM"],
     )
     gen = GenerationConfig(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=[EOS_ID, EOT_ID])
-    if config_only:
-        cfg.save_pretrained(out)
-    else:
-        torch.manual_seed(seed)
-        model = Gemma4ForCausalLM(cfg)
-        _perturb_(model, geo, seed)
-        model = model.to(getattr(torch, dtype))
-        model.save_pretrained(out)
-    gen.save_pretrained(out)
-    save_tokenizer(out, geo.vocab_size)
+    _write(Gemma4ForCausalLM, cfg, gen, geo, out, seed=seed, dtype=dtype, config_only=config_only)
     return out
 
 
