@@ -24,7 +24,7 @@ def run(geometry: str = "tiny", steps: int = 8, max_tokens: int = 40, requests: 
     print(f"[demo] checkpoint: {path} (geometry {geometry}, canvas {geo.canvas_length}, random weights)")
     t0 = time.perf_counter()
     llm = LLM(str(path), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
-              max_model_len=1024, max_num_seqs=16, seed=0)
+              max_model_len=1024, max_num_seqs=16, seed=0, disable_log_stats=False)
     print(f"[demo] engine started in {time.perf_counter() - t0:.1f} s")
     prompts = ["Why is the sky blue?", "Write a poem about the moon.",
                "Tell me a story about a robot who learns to paint.", "What is the capital of France?"]
@@ -40,23 +40,24 @@ def run(geometry: str = "tiny", steps: int = 8, max_tokens: int = 40, requests: 
     for p, o in zip(prompts, outs):
         s = stats.get(o.request_id, {})
         n = len(o.outputs[0].token_ids)
-        m = o.metrics
+        m = o.metrics  # vLLM's per-request timing (stats logging is on)
         latency = None
-        if m is not None and getattr(m, "first_token_latency", None) is not None:
-            latency = m.first_token_latency
+        if m is not None and getattr(m, "first_token_ts", 0) and getattr(m, "last_token_ts", 0):
+            latency = m.first_token_latency + (m.last_token_ts - m.first_token_ts)
         row = dict(prompt=p, text=o.outputs[0].text, tokens=n, canvases=s.get("canvases"),
                    denoising_steps=s.get("denoising_steps"),
                    tokens_per_forward=(n / s["denoising_steps"]) if s.get("denoising_steps") else None,
-                   ttft=latency)
+                   latency=latency, tokens_per_s=(n / latency) if latency else None)
         rows.append(row)
     total = sum(r["tokens"] for r in rows)
     print("\n[demo] NOTE: the checkpoint has RANDOM weights, so the text below is gibberish by design.\n")
     for r in rows:
         print(f"prompt: {r['prompt']!r}")
         print(f"  text: {r['text']!r}")
-        tpf = r["tokens_per_forward"]
+        tpf, tps = r["tokens_per_forward"], r["tokens_per_s"]
         print(f"  tokens={r['tokens']} canvases={r['canvases']} denoising_steps={r['denoising_steps']} "
-              f"tokens/forward={'n/a' if tpf is None else f'{tpf:.3f}'}")
+              f"tokens/forward={'n/a' if tpf is None else f'{tpf:.3f}'} "
+              f"tokens/s={'n/a' if tps is None else f'{tps:.1f}'}")
     print(f"\n[demo] {len(rows)} requests batched, {total} tokens in {wall:.2f} s "
           f"= {total / wall:.1f} tokens/s (CPU, fp32)")
     return rows
