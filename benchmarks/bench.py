@@ -26,12 +26,10 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,37 +177,15 @@ def run_reference(model, conc, steps, args, vocab, canvas):
 
 
 # ----------------------------------------------------------------------------- server
-@contextmanager
-def vllm_server(path, args, port):
-    import requests
+def vllm_server(path, args):
+    from dgemma_vllm.cli import serve_subprocess
 
-    cmd = [sys.executable, "-m", "dgemma_vllm.cli", "serve", str(path), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", "m", "--dtype", args.dtype,
-           "--max-model-len", str(args.prompt_len + args.output_len + 512),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           "--max-num-seqs", str(max(args.conc_list)), "--enforce-eager",
-           "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
-    log = open(Path(args.out) / f"server_{port}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited, see {log.name}")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    serve_args = ["--served-model-name", "m", "--dtype", args.dtype,
+                  "--max-model-len", str(args.prompt_len + args.output_len + 512),
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                  "--max-num-seqs", str(max(args.conc_list)), "--enforce-eager",
+                  "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
+    return serve_subprocess(path, serve_args, Path(args.out) / f"server_{Path(path).name}.log")
 
 
 def run_server(base, system, conc, steps, args, vocab):
@@ -395,13 +371,9 @@ def main(argv=None):
                     bar.set_postfix_str(f"reference c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
             del model
     if "server" in modes:
-        import socket
-
         for system in [s for s in systems if s in ("plugin", "ar")]:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            with vllm_server(ck[system], args, port) as base:
+            with vllm_server(ck[system], args) as server:
+                base = f"{server}/v1"
                 for steps in (server_steps if system == "plugin" else [None]):
                     for c in args.conc_list:
                         rows.append(run_server(base, system, c, steps or 0, args, geo.vocab_size))

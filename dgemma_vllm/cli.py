@@ -15,6 +15,7 @@ works as is.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 USAGE = __doc__
@@ -46,6 +47,54 @@ def serve(argv: list[str]) -> None:
 
     sys.argv = ["vllm", "serve", *argv]
     vllm_main()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_subprocess(model, serve_args: list[str], log_path, *, timeout: float = 600):
+    """Run `dgemma-vllm serve MODEL` on a free loopback port until /health answers; yield its
+    base URL (``http://127.0.0.1:PORT``); terminate it on exit. Raises with the log's tail if
+    the server exits or does not come up within `timeout` seconds."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import requests
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "dgemma_vllm.cli", "serve", str(model), "--host", "127.0.0.1",
+           "--port", str(port), *serve_args]
+    log_path = Path(log_path)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited: {log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"vllm serve did not start: {log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def main(argv: list[str] | None = None) -> None:

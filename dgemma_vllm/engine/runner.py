@@ -30,7 +30,7 @@ from dgemma_vllm.refine.params import (from_generation_config, parse_request_kno
 from dgemma_vllm.refine.sampler import CanvasState, refine_step
 
 from . import vllm_api as V
-from .config import canvas_length_of
+from .config import canvas_length_of, canvas_positions
 
 logger = logging.getLogger("dgemma_vllm")
 
@@ -50,7 +50,8 @@ class DGemmaRunnerMixin:
         self.dg_states: dict[str, CanvasState] = {}
         self.dg_plan: list[tuple[str, str, int]] | None = None
         self.dg_causal: torch.Tensor | None = None
-        self.dg_stats = {"steps": 0, "denoise_rows": 0, "commits": 0, "step_time": 0.0}
+        self.dg_steps = 0
+        self.dg_debug_steps = bool(os.environ.get("DGEMMA_DEBUG_STEPS"))  # print per-step timing
         # Test hook: record (prefix length, canvas ids, self-conditioning logits, logits) of
         # every denoising step to this directory (torch.save per request).
         self.dg_capture_dir = os.environ.get("DGEMMA_CAPTURE_DIR") or None
@@ -111,9 +112,9 @@ class DGemmaRunnerMixin:
             n = len(drafts)
             st = self._dg_state(req_id)
             start = int(self.input_batch.num_tokens_no_spec[row])
-            room = self.max_model_len - start
-            want = st.length if (st.canvas is not None) else min(
-                st.knobs.canvas_length or self.dg_canvas, room)
+            want = st.length if st.canvas is not None else canvas_positions(
+                self.requests[req_id].sampling_params.extra_args, self.dg_canvas,
+                self.max_model_len - start)
             if n != want:  # a partial canvas (token budget): compute nothing useful, roll back
                 plan.append((req_id, IDLE, n))
                 continue
@@ -133,26 +134,22 @@ class DGemmaRunnerMixin:
             self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
         logits_indices, spec_md, max_n = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         qsl = self.query_start_loc.np[: num_reqs + 1]
-        rows, softs = [], []
-        any_soft = False
+        rows, softs = [], []  # softs: (soft embeddings or None on a canvas's first step, n)
         for row, (req_id, mode, n) in enumerate(plan):
             if mode != DENOISE:
                 continue
             rows.append(np.arange(qsl[row], qsl[row] + n))
-            st = self.dg_states[req_id]
-            softs.append(st.soft)
-            any_soft |= st.soft is not None
+            softs.append((self.dg_states[req_id].soft, n))
         device = logits_indices.device
         if rows:
             canvas_rows = torch.from_numpy(np.concatenate(rows)).to(device)
         else:
             canvas_rows = torch.zeros(0, dtype=torch.int64, device=device)
         soft = None
-        if any_soft:
+        if any(s is not None for s, _ in softs):  # zeros on first steps are exact (MLP(0) = 0)
             hidden = self.model_config.hf_config.text_config.hidden_size
             soft = torch.cat([s if s is not None else torch.zeros(n, hidden, dtype=self.dtype)
-                              for s, (_, mode, n) in zip(softs, [p for p in plan if p[1] == DENOISE])])
-            soft = soft.to(device)
+                              for s, n in softs]).to(device)
         self._dg_model().set_step(StepInputs(canvas_rows=canvas_rows, soft_embeds=soft))
         self.dg_plan = plan
         self.dg_causal = torch.from_numpy(causal) if (causal == 0).any() else None
@@ -210,11 +207,9 @@ class DGemmaRunnerMixin:
                     sc_states.append(st)
                     sc_logits.append(processed)
                     sc_probs.append(probs)
-                self.dg_stats["denoise_rows"] += 1
             elif mode == COMMIT:
                 st = self.dg_states[req_id]
                 out[row] = st.finish_commit().tolist()
-                self.dg_stats["commits"] += 1
                 if self.dg_capture_dir and req_id in self.dg_capture:
                     self._dg_flush_capture(req_id)
         if sc_states:
@@ -234,10 +229,9 @@ class DGemmaRunnerMixin:
             for st in sc_states:
                 st.soft = soft[o:o + st.length]
                 o += st.length
-        self.dg_stats["steps"] += 1
-        self.dg_stats["step_time"] += time.perf_counter() - self.dg_t0
-        if os.environ.get("DGEMMA_DEBUG_STEPS"):
-            print(f"[dgemma] step {self.dg_stats['steps']} {time.perf_counter() - self.dg_t0:.4f}s "
+        self.dg_steps += 1
+        if self.dg_debug_steps:
+            print(f"[dgemma] step {self.dg_steps} {time.perf_counter() - self.dg_t0:.4f}s "
                   f"plan={[(m, n) for _, m, n in plan]}", flush=True)
         width = max(2, max((len(t) for t in out), default=0))
         sampled = torch.full((num_reqs, width), -1, dtype=torch.int32)

@@ -14,7 +14,7 @@ free what vLLM allocated, and the runner drops its per-request state on finish.
 from __future__ import annotations
 
 from . import vllm_api as V
-from .config import canvas_length_of
+from .config import canvas_length_of, canvas_positions
 
 PLACEHOLDER_ID = 0  # any valid id: the runner overwrites canvas ids before the forward
 
@@ -28,11 +28,8 @@ class DGemmaScheduler(V.Scheduler):
         self.canvas_length = canvas_length_of(self.vllm_config.model_config.hf_config)
 
     def canvas_len_for(self, request) -> int:
-        """Canvas positions for a request with `num_tokens` committed: the full canvas, or the
-        room left under max_model_len at the very end of the context."""
         extra = request.sampling_params.extra_args if request.sampling_params else None
-        n = (extra or {}).get("diffusion_canvas_length") or self.canvas_length
-        return max(0, min(n, self.max_model_len - request.num_tokens))
+        return canvas_positions(extra, self.canvas_length, self.max_model_len - request.num_tokens)
 
     def schedule(self, *args, **kwargs):
         budget = self.max_num_scheduled_tokens

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,8 +26,6 @@ import torch
 from torch import nn
 
 from dgemma_vllm.engine import vllm_api as V
-
-import logging
 
 logger = logging.getLogger("dgemma_vllm")
 
