@@ -118,9 +118,12 @@ def parse_request_knobs(extra: dict | None, served_canvas: int, vocab_size: int)
     extra = extra or {}
 
     def int_list(name, value):
-        if not isinstance(value, (list, tuple)) or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in value):
+        if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list of integers, got {type(value).__name__}")
+        bad = [x for x in value if not isinstance(x, int) or isinstance(x, bool)]
+        if bad:
+            raise ValueError(f"{name} must be a list of integers, got element {bad[0]!r} "
+                             f"({type(bad[0]).__name__})")
         return tuple(value)
 
     n = extra.get("diffusion_canvas_length")
