@@ -120,3 +120,40 @@ def test_openai_streaming_example(server):
     spec.loader.exec_module(mod)
     text = mod.run(f"{server}/v1")
     assert isinstance(text, str) and text
+
+
+def _metrics(base, prefix="dgemma:"):
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    out = {}
+    for m in re.finditer(r"^(dgemma:[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$", text, re.M):
+        labels = m.group(2) or ""
+        le = re.search(r'le="([^"]+)"', labels)
+        key = m.group(1) + (f"[{le.group(1)}]" if le else "")
+        out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def test_refinement_metrics_on_prometheus_endpoint(server, client):
+    """dgemma:* metrics on /metrics. With stability 0 and confidence 0 a canvas never stops
+    early, so one request of 40 tokens (canvases 16 + 16 + 16, the last cut to 8) takes exactly
+    3 x 3 denoising steps and 3 commits, alone in every engine step."""
+    before = _metrics(server)
+    xargs = {"diffusion_max_steps": 3, "diffusion_stability_threshold": 0,
+             "diffusion_confidence_threshold": 0}
+    r = client.completions.create(model="tiny", prompt="metrics", max_tokens=40, seed=4,
+                                  extra_body={"vllm_xargs": xargs, "ignore_eos": True})
+    assert r.usage.completion_tokens == 40
+    time.sleep(1.5)  # stats reach the front end with the next engine output
+    after = _metrics(server)
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    assert d["dgemma:canvases_committed_total"] == 3
+    assert d["dgemma:canvas_tokens_committed_total"] == 48
+    assert d["dgemma:denoising_steps_total"] == 9
+    assert d["dgemma:denoising_steps_per_canvas_count"] == 3
+    assert d["dgemma:denoising_steps_per_canvas_sum"] == 9
+    assert d["dgemma:denoising_steps_per_canvas_bucket[2.0]"] == 0
+    assert d["dgemma:denoising_steps_per_canvas_bucket[3.0]"] == 3
+    assert d["dgemma:tokens_per_forward_count"] == 3
+    assert d["dgemma:tokens_per_forward_sum"] == pytest.approx(3 * 16 / 4)
+    assert d["dgemma:refinement_batch_size_count"] == 12  # 9 denoising + 3 commit steps
+    assert d["dgemma:refinement_batch_size_sum"] == 12  # one canvas in each

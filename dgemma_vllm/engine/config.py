@@ -6,6 +6,9 @@ Plugin options travel on the HF config (so every process sees them) and are set 
 
 - ``dgemma_canvas_window``: ``"reference"`` (default; transformers eager/sdpa semantics for
   sliding layers in canvas mode) or ``"symmetric"`` (``|q-k| <= W-1``, as flash attention).
+- ``dgemma_head_tile``: vocabulary columns per tile of the canvas head (default 32768; see
+  ``dgemma_vllm/refine/head.py``): the head's temporaries are bounded by it, whatever the number
+  of requests.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from . import vllm_api as V
 logger = logging.getLogger("dgemma_vllm")
 
 ARCH = "DiffusionGemmaForBlockDiffusion"
-OPTION_DEFAULTS = {"dgemma_canvas_window": "reference"}
+OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": 32768}
 
 
 def plugin_options(vllm_config) -> dict:
@@ -68,6 +71,9 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         if window not in ("reference", "symmetric"):
             raise ValueError("dgemma_canvas_window must be 'reference' or 'symmetric', "
                              f"got {window!r}")
+        tile = getattr(hf, "dgemma_head_tile", OPTION_DEFAULTS["dgemma_head_tile"])
+        if not isinstance(tile, int) or isinstance(tile, bool) or not 1 <= tile <= (1 << 24):
+            raise ValueError(f"dgemma_head_tile must be an integer in [1, {1 << 24}], got {tile!r}")
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:

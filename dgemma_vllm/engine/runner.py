@@ -8,9 +8,10 @@ overridden; everything else (input batch, paged KV, attention metadata, forward)
   denoising requests bidirectional, ask for logits on every denoising row and none on commit
   or prefill rows, and hand the model the canvas rows and their self-conditioning.
 - ``_build_attention_metadata``: the per-request int32 ``causal`` tensor (1 causal, 0 canvas).
-- ``_sample``: one refinement step per denoising request (``dgemma_vllm.refine``), the
-  self-conditioning soft embeddings for all of them in one matmul, and the committed tokens of
-  commit requests (every other row returns no token).
+- ``_sample``: receives the canvas rows' hidden states (the model's ``compute_logits`` hands them
+  through, so vLLM never builds ``[rows, vocab]`` logits); per denoising request the vocabulary-
+  tiled head on this rank's slice + one refinement step (``dgemma_vllm.refine``), and the
+  committed tokens of commit requests (every other row returns no token).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import time
 import numpy as np
 import torch
 
-from dgemma_vllm.model.dgemma import StepInputs
+from dgemma_vllm.model.dgemma import SOFTCAP, StepInputs
+from dgemma_vllm.refine.head import denoise_step, head_logits
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
                                        server_overrides)
-from dgemma_vllm.refine.sampler import CanvasState, refine_step
+from dgemma_vllm.refine.sampler import CanvasState, temperature
 
 from . import vllm_api as V
-from .config import canvas_length_of, canvas_positions
+from .config import canvas_length_of, canvas_positions, plugin_options
 
 logger = logging.getLogger("dgemma_vllm")
 
@@ -58,6 +60,13 @@ class DGemmaRunnerMixin:
         self.dg_exact_unseeded = os.environ.get("DGEMMA_EXACT_NOISE", "0") == "1"
         self.dg_capture: dict[str, list] = {}
         self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
+        self.dg_head_tile = int(plugin_options(self.vllm_config)["head_tile"])
+        self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
+
+    def load_model(self, *args, **kwargs):
+        out = super().load_model(*args, **kwargs)
+        self._dg_model().hidden_head = True  # compute_logits hands the runner hidden states
+        return out
 
     def dg_request_stats(self) -> dict[str, dict]:
         """Per-request refinement statistics (live and recently finished requests)."""
@@ -185,50 +194,38 @@ class DGemmaRunnerMixin:
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, logits, spec_decode_metadata):
+        # `logits` are the canvas rows' hidden states: the model's compute_logits hands them
+        # through (model.hidden_head) and the head runs here, tiled, on this rank's vocabulary.
         plan, self.dg_plan = self.dg_plan, None
         if plan is None:  # dummy / profile run
             return super()._sample(logits, spec_decode_metadata)
         model = self._dg_model()
+        if self.dg_vocab_slice is None:
+            self.dg_vocab_slice = model.vocab_slice()
+        vs = self.dg_vocab_slice
+        emb_dtype = model.model.embed_tokens.weight.dtype
+        normalizer = model.model.normalizer
         num_reqs = len(plan)
         out: list[list[int]] = [[] for _ in range(num_reqs)]
         off = 0
-        sc_states, sc_logits, sc_probs = [], [], []
         for row, (req_id, mode, n) in enumerate(plan):
             if mode == DENOISE:
                 st = self.dg_states[req_id]
-                lg = logits[off:off + n]
+                hidden = logits[off:off + n]
                 off += n
                 if self.dg_capture_dir:
-                    self._dg_record(req_id, row, st, lg)
-                processed, probs = refine_step(st, lg)
+                    sched_t = temperature(st.params, st.cur_step)
+                    full = head_logits(hidden, vs.weight[: vs.size], SOFTCAP)
+                    self._dg_record(req_id, row, st, full)
+                denoise_step(st, hidden, vs, softcap=SOFTCAP, emb_dtype=emb_dtype,
+                             normalizer=normalizer, tile=self.dg_head_tile)
                 if self.dg_capture_dir:
-                    st._sc_logits = processed.clone()
-                if st.commit is None:
-                    sc_states.append(st)
-                    sc_logits.append(processed)
-                    sc_probs.append(probs)
+                    st._sc_logits = full / sched_t
             elif mode == COMMIT:
                 st = self.dg_states[req_id]
                 out[row] = st.finish_commit().tolist()
                 if self.dg_capture_dir and req_id in self.dg_capture:
                     self._dg_flush_capture(req_id)
-        if sc_states:
-            # self-conditioning: softmax(processed logits cast to the embedding dtype) @ E * sqrt(H),
-            # one matmul for every continuing canvas; the sampler's softmax is reused when it is
-            # the same tensor (fp32 embeddings, temperature 1)
-            emb_dtype = model.model.embed_tokens.weight.dtype
-            parts = []
-            for lg_, pr_ in zip(sc_logits, sc_probs):
-                if pr_ is not None and emb_dtype == torch.float32:
-                    parts.append(pr_)
-                else:
-                    parts.append(torch.softmax(lg_.to(emb_dtype), dim=-1, dtype=torch.float32))
-            probs = torch.cat(parts) if len(parts) > 1 else parts[0]
-            soft = model.soft_embeddings(probs.to(logits.device))
-            o = 0
-            for st in sc_states:
-                st.soft = soft[o:o + st.length]
-                o += st.length
         self.dg_steps += 1
         if self.dg_debug_steps:
             print(f"[dgemma] step {self.dg_steps} {time.perf_counter() - self.dg_t0:.4f}s "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from . import vllm_api as V
 from .config import canvas_length_of, canvas_positions
+from .metrics import RefinementMetrics
 
 PLACEHOLDER_ID = 0  # any valid id: the runner overwrites canvas ids before the forward
 
@@ -26,6 +27,7 @@ class DGemmaScheduler(V.Scheduler):
         # default: unreturned draft tokens are then rolled back in update_from_output.
         self.num_sampled_tokens_per_step = 0
         self.canvas_length = canvas_length_of(self.vllm_config.model_config.hf_config)
+        self.dg_metrics = RefinementMetrics()
 
     def canvas_len_for(self, request) -> int:
         extra = request.sampling_params.extra_args if request.sampling_params else None
@@ -48,6 +50,28 @@ class DGemmaScheduler(V.Scheduler):
             req.spec_token_ids = [PLACEHOLDER_ID] * n
             budget -= n
         return super().schedule(*args, **kwargs)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        if self.log_stats:
+            idx = model_runner_output.req_id_to_index
+            sampled = model_runner_output.sampled_token_ids
+            canvases = {}
+            for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+                i = idx.get(req_id)
+                if drafts and i is not None:
+                    canvases[req_id] = len(sampled[i]) if sampled else 0
+            self.dg_metrics.record_step(canvases)
+        out = super().update_from_output(scheduler_output, model_runner_output)
+        if self.log_stats and scheduler_output.finished_req_ids:
+            self.dg_metrics.forget(self.requests)
+        return out
+
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        carrier = V.stats_carrier(stats)
+        if carrier is not None:
+            carrier.update(self.dg_metrics.drain())
+        return stats
 
     def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
         # Canvas tokens ride the draft path but are not speculative drafts: keep them out of

@@ -26,6 +26,16 @@ Facts the plugin relies on (file:line in vLLM 0.32.0):
   becomes ``dynamic_causal`` (:213); non-causal rows use a symmetric sliding window; the paged
   cache per layer is ``[blocks, kv_heads, block_size, 2*head_dim]`` with K stored transposed
   inside each block for the ``vec``/``vec16`` kernels (checked at start-up, see attention.py).
+- Metrics (metrics.py): ``Scheduler.make_stats`` builds one ``SchedulerStats`` per step
+  (v1/core/sched/scheduler.py:2915); it reaches the front end through msgspec with its declared
+  fields only. ``SchedulerStats.waiting_lora_adapters`` (``dict[str, int]``, v1/metrics/stats.py:250)
+  is never set by the scheduler and is read in the front end only by the LoRA info gauge
+  (v1/metrics/loggers.py:1224, LoRA servers only): the plugin's integer counts ride in it under
+  ``dgemma.*`` keys. Stat-logger plugins (entry point group ``vllm.stat_logger_plugins``,
+  plugins/__init__.py:26) are built by ``AsyncLLM`` before vLLM's own loggers and get each
+  ``SchedulerStats`` first (loggers.py:1381-1436); they force stats on for ``vllm serve``.
+  ``PrometheusStatLogger`` unregisters every ``vllm:``-prefixed collector when built, so the
+  plugin's metrics are named ``dgemma:*``.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from vllm.model_executor.models.config import (  # noqa: F401
 # --- model building blocks (Gemma 4 backbone, layers, weight loading) ----------------------
 from vllm.distributed import (  # noqa: F401
     get_tensor_model_parallel_rank,
+    tensor_model_parallel_all_gather,
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
 )
@@ -61,6 +72,14 @@ from vllm.model_executor.models.utils import (  # noqa: F401
 # --- scheduler, worker, runner ------------------------------------------------------------
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
 from vllm.v1.outputs import SamplerOutput  # noqa: F401
+
+# --- metrics ------------------------------------------------------------------------------
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase  # noqa: F401
+
+
+def stats_carrier(scheduler_stats) -> dict | None:
+    """The integer dict of ``SchedulerStats`` that carries the plugin's counts (see above)."""
+    return None if scheduler_stats is None else scheduler_stats.waiting_lora_adapters
 
 
 def cpu_worker_classes():

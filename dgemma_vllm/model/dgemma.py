@@ -132,6 +132,7 @@ class DGemmaForBlockDiffusion(nn.Module):
         self.register_buffer("encoder_layer_scalars", torch.ones(n), persistent=False)
         self.register_buffer("decoder_layer_scalars", torch.ones(n), persistent=False)
         self._step: StepInputs | None = None
+        self.hidden_head = False  # set by the plugin's runner: compute_logits returns hidden states
 
     # ------------------------------------------------------------------ runner interface
     def set_step(self, step: StepInputs | None) -> None:
@@ -165,27 +166,33 @@ class DGemmaForBlockDiffusion(nn.Module):
         return self.model(None, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self.hidden_head:
+            # The plugin's runner computes the head itself, tiled over the vocabulary and on this
+            # rank's slice only (dgemma_vllm/refine/head.py): hand it the canvas rows' hidden states.
+            return hidden_states
         logits = self.logits_processor(self.lm_head, hidden_states)
         if logits is None:
             return None
         logits = logits.float()
         return torch.tanh(logits / SOFTCAP) * SOFTCAP
 
-    @torch.no_grad()
-    def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
-        """``softmax(processed logits) @ E * sqrt(H)`` for self-conditioning, computed on this
-        rank's vocabulary slice and all-reduced. `probs` is ``[rows, vocab]`` (full vocab)."""
+    def vocab_slice(self):
+        """This rank's slice of the tied output embedding, with the tensor-parallel collectives
+        (for :func:`dgemma_vllm.refine.head.canvas_head`)."""
+        from dgemma_vllm.refine.head import VocabSlice
+
         emb = self.model.embed_tokens
-        w = emb.weight
         tp = V.get_tensor_model_parallel_world_size()
         if tp == 1:
-            out = probs.to(w.dtype) @ w[: probs.shape[-1]]
-        else:
-            si = emb.shard_indices
-            lo, hi = si.org_vocab_start_index, si.org_vocab_end_index
-            out = probs[:, lo:hi].to(w.dtype) @ w[: hi - lo]
-            out = V.tensor_model_parallel_all_reduce(out)
-        return out * self.model.normalizer.to(out.dtype)
+            return VocabSlice(weight=emb.weight, start=0, size=self.config.vocab_size,
+                              vocab=self.config.vocab_size)
+        si = emb.shard_indices
+        return VocabSlice(
+            weight=emb.weight, start=si.org_vocab_start_index,
+            size=si.org_vocab_end_index - si.org_vocab_start_index, vocab=self.config.vocab_size,
+            max_size=emb.num_embeddings_per_partition, rank=V.get_tensor_model_parallel_rank(),
+            ranks=tp, gather=lambda t: V.tensor_model_parallel_all_gather(t[None], dim=0),
+            reduce=V.tensor_model_parallel_all_reduce)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -1,7 +1,8 @@
 """Block refinement exactly as the reference (transformers' DiffusionGemma `generate`).
 
-Engine-free: plain torch on one request's canvas. The engine calls :func:`refine_step` once per
-denoising step with the canvas logits of that request; this module owns the temperature
+Engine-free: plain torch on one request's canvas. The engine runs the tiled head
+(:mod:`dgemma_vllm.refine.head`) and :func:`apply_step` once per denoising step of a request;
+:func:`refine_step` is the same step from full canvas logits; this module owns the temperature
 schedule, sampling, entropy-bound acceptance, uniform renoising, stable-and-confident stopping
 and the choice of the committed (argmax) canvas.
 
@@ -94,14 +95,16 @@ def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -
     unseeded requests: ``multinomial`` draws one exponential per vocabulary entry, which on CPU
     costs more than the rest of the sampler. Same distribution, different random stream."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype) * cdf[..., -1:]
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype)
+    u = u.to(cdf.device) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 @torch.no_grad()
 def refine_step(state: CanvasState, raw_logits: torch.Tensor):
-    """One denoising step for one request. `raw_logits` are the softcapped fp32 canvas logits
-    ``[n, vocab]``. Updates `state` (canvas, argmax, stopping, `commit` when done) and returns
+    """One denoising step for one request from its full canvas logits (the untiled path; the
+    engine uses :func:`dgemma_vllm.refine.head.canvas_head` + :func:`apply_step`). `raw_logits`
+    are the softcapped fp32 canvas logits ``[n, vocab]``. Updates `state` and returns
     ``(processed, probs)``: the processed (temperature-scaled) logits ``[n, vocab]`` that
     self-condition the next step, and their softmax when it was computed (else None)."""
     p = state.params
@@ -123,10 +126,20 @@ def refine_step(state: CanvasState, raw_logits: torch.Tensor):
                                          generator=state.generator).view(1, n)
         else:
             denoiser = sample_inverse_cdf(sample_probs.view(-1, v), state.generator).view(1, n)
-    new_argmax = processed.argmax(-1)
+    apply_step(state, denoiser.view(-1), processed.argmax(-1).view(-1), entropy(processed).view(-1))
+    return processed[0], (None if probs is None else probs[0])
+
+
+@torch.no_grad()
+def apply_step(state: CanvasState, denoiser: torch.Tensor, new_argmax: torch.Tensor,
+               ent: torch.Tensor) -> None:
+    """The per-row part of a denoising step, given each row's sampled token, argmax token and
+    entropy (``[n]`` each): acceptance, renoising, pins, stopping, and the commit decision."""
+    p = state.params
+    n = denoiser.shape[0]
+    denoiser, new_argmax, ent = denoiser.view(1, n), new_argmax.view(1, n).clone(), ent.view(1, n)
 
     # entropy-bound acceptance (G437-448)
-    ent = entropy(processed)
     sorted_ent, order = torch.sort(ent, dim=-1, descending=False)
     cum = torch.cumsum(sorted_ent, dim=-1)
     sel = cum - sorted_ent <= p.entropy_bound
@@ -156,4 +169,3 @@ def refine_step(state: CanvasState, raw_logits: torch.Tensor):
     state.cur_step -= 1
     if (stable and confident) or state.cur_step == 0:
         state.commit = new_argmax[0].clone()  # the ARGMAX canvas is committed (G793)
-    return processed[0], (None if probs is None else probs[0])

@@ -1,0 +1,278 @@
+"""The canvas head, tiled over the vocabulary and parallel over tensor-parallel ranks.
+
+From the last hidden states of one request's canvas rows it computes everything a denoising
+step needs per row: the sampled (denoiser) token, the argmax token, the entropy of the processed
+distribution, and the self-conditioning soft embedding ``softmax(processed) @ E`` — without a
+``[rows, vocab]`` tensor:
+
+- rows are taken in chunks of ``budget // min(vocab, tile)`` and the vocabulary slice of this rank
+  in tiles of ``tile`` columns; each tile yields partial statistics (running max, sum of
+  exponentials, their z-weighted sum, best argmax, best sample, soft-embedding accumulator), merged
+  online as in a streaming softmax;
+- under tensor parallelism each rank only holds its vocabulary slice of the tied embedding; the
+  per-row partials (a few numbers per row) are all-gathered and merged in vocabulary order, and the
+  soft embeddings are all-reduced once. No rank ever holds full-vocabulary logits.
+
+Sampling noise:
+
+- ``exact_noise`` (seeded requests): the reference's draw, ``multinomial(softmax(z), 1)``, is
+  ``argmax(p / q)`` with ``q`` one Exp(1) draw per vocabulary entry from the request's generator,
+  consumed in row-major order. The tiled path draws the same ``q`` (a chunk of rows at a time,
+  every rank the same values) and takes ``argmax(z - log q)``, the same argmax up to rounding;
+  with one tile on one rank the reference operations themselves run (bit-identical).
+- otherwise: an exact categorical draw from two uniforms per (row, tile): reservoir-merging the
+  tiles (pick the tile's own inverse-CDF draw with probability tile mass / running mass). All
+  ranks draw the same uniforms, so the generators stay in step.
+
+Engine-free (plain torch); the engine passes the weight slice and the collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .sampler import CanvasState, apply_step, entropy, sample_inverse_cdf, temperature
+
+DEFAULT_TILE = 32768  # vocabulary columns per tile
+DEFAULT_BUDGET = 1 << 22  # elements of one [rows, columns] temporary (16 MiB in fp32)
+
+
+@dataclass
+class VocabSlice:
+    """This rank's rows of the (tied) output embedding."""
+
+    weight: torch.Tensor  # [>= size, hidden]
+    start: int  # vocabulary id of weight[0]
+    size: int  # real vocabulary rows held here
+    vocab: int  # full vocabulary
+    max_size: int | None = None  # largest slice over the ranks (equal tile counts everywhere)
+    rank: int = 0
+    ranks: int = 1
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # t -> [ranks, *t.shape]
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce (sum)
+
+
+class RowStats(NamedTuple):
+    denoiser: torch.Tensor  # [n] int64 sampled tokens (the argmax when greedy)
+    argmax: torch.Tensor  # [n] int64
+    entropy: torch.Tensor  # [n] fp32 entropy of softmax(processed)
+    soft: torch.Tensor | None  # [n, hidden] softmax(processed) @ E (without the sqrt(H) scale)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return torch.tanh(logits / softcap) * softcap
+
+
+@torch.no_grad()
+def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t: torch.Tensor,
+                temperature: float, generator: torch.Generator | None, exact_noise: bool,
+                want_soft: bool, emb_dtype: torch.dtype, tile: int = DEFAULT_TILE,
+                budget: int = DEFAULT_BUDGET) -> RowStats:
+    """Row statistics of one request's canvas (``hidden``: ``[n, H]``); see the module doc."""
+    cols = max(1, min(tile, vs.max_size or vs.size))
+    rows = max(1, budget // min(vs.vocab, cols))
+    if exact_noise and temperature != 0.0:  # the noise is drawn a full row at a time
+        rows = max(1, budget // vs.vocab)
+    single = vs.ranks == 1 and vs.size <= cols
+    step = _exact_chunk if single else _tiled_chunk
+    parts = [step(hidden[i:i + rows], vs, cols, softcap, sched_t, temperature, generator,
+                  exact_noise, want_soft, emb_dtype) for i in range(0, hidden.shape[0], rows)]
+    den, am, ent, soft = zip(*parts)
+    return RowStats(torch.cat(den), torch.cat(am), torch.cat(ent),
+                    torch.cat(soft) if want_soft else None)
+
+
+@torch.no_grad()
+def denoise_step(state: CanvasState, hidden: torch.Tensor, vs: VocabSlice, *, softcap: float,
+                 emb_dtype: torch.dtype, normalizer: torch.Tensor, tile: int = DEFAULT_TILE,
+                 budget: int = DEFAULT_BUDGET) -> None:
+    """One denoising step of one request from its canvas rows' hidden states ``[n, H]``: the
+    tiled head, then the per-row update; keeps the self-conditioning soft embeddings
+    (``softmax(processed) @ E * sqrt(H)``) in ``state.soft`` when the canvas goes on."""
+    p = state.params
+    stats = canvas_head(hidden, vs, softcap=softcap, sched_t=temperature(p, state.cur_step),
+                        temperature=p.temperature, generator=state.generator,
+                        exact_noise=state.exact_noise, want_soft=state.cur_step > 1,
+                        emb_dtype=emb_dtype, tile=tile, budget=budget)
+    apply_step(state, stats.denoiser.cpu(), stats.argmax.cpu(), stats.entropy.cpu())
+    state.soft = None if state.commit is not None else stats.soft * normalizer.to(stats.soft.dtype)
+
+
+def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, want_soft, emb_dtype):
+    """One tile on one rank: the reference's own operations, row chunk by row chunk (row-wise
+    operations and row-major noise make this bit-identical to the whole canvas at once)."""
+    w = vs.weight[: vs.size]
+    logits = head_logits(h, w, softcap)
+    processed = logits / sched_t
+    probs = None
+    if temperature == 0.0:
+        denoiser = processed.argmax(-1)
+    else:
+        scaled = processed if temperature == 1.0 else logits / (sched_t * temperature)
+        sample_probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+        probs = sample_probs if temperature == 1.0 else None
+        if exact_noise:  # multinomial(p, 1) is argmax(p / q), q ~ Exp(1) per entry (ATen);
+            # spelled out so the request's CPU generator also serves tensors on a GPU
+            q = torch.empty(sample_probs.shape, dtype=torch.float32).exponential_(1, generator=gen)
+            denoiser = (sample_probs / q.to(sample_probs.device)).argmax(-1)
+        else:
+            denoiser = sample_inverse_cdf(sample_probs, gen)
+    argmax = processed.argmax(-1)
+    ent = entropy(processed)
+    soft = None
+    if want_soft:
+        if probs is None or emb_dtype != torch.float32:
+            probs = torch.softmax(processed.to(emb_dtype), dim=-1, dtype=torch.float32)
+        soft = probs.to(w.dtype) @ w
+    return denoiser, argmax, ent, soft
+
+
+class _Online:
+    """Streaming softmax statistics per row, relative to the running max m: S = sum exp(z - m),
+    D = sum exp(z - m) (z - m) (entropy = log S - D / S, no cancellation), and optionally
+    A = sum exp(z - m) E[v] (soft embeddings)."""
+
+    def __init__(self):
+        self.m = self.s = self.u = self.acc = None
+
+    def add(self, z, e, mz, w=None):
+        s, d = e.sum(-1), (e * (z - mz[:, None])).sum(-1)
+        acc = (e.to(w.dtype) @ w).float() if w is not None else None
+        if self.m is None:
+            self.m, self.s, self.u, self.acc = mz, s, d, acc
+            return
+        self.m, self.s, self.u, scales = merge(self.m, self.s, self.u, mz, s, d)
+        if acc is not None:
+            a, b = scales
+            self.acc = self.acc * a[:, None] + acc * b[:, None]
+
+
+def merge(m1, s1, d1, m2, s2, d2):
+    """Merge two partial (max, sum, D) statistics; also returns the two rescaling factors."""
+    m = torch.maximum(m1, m2)
+    a, b = torch.exp(m1 - m), torch.exp(m2 - m)
+    s = s1 * a + s2 * b
+    d = a * (d1 + (m1 - m) * s1) + b * (d2 + (m2 - m) * s2)
+    return m, s, d, (a, b)
+
+
+def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, want_soft, emb_dtype):
+    k = h.shape[0]
+    tiles = math.ceil((vs.max_size or vs.size) / cols)
+    sampling = temperature != 0.0
+    noise = uni = None
+    if sampling and exact_noise:  # every rank draws the same full rows, in the reference's order
+        noise = torch.empty(k, vs.vocab, dtype=torch.float32).exponential_(1, generator=gen)
+        noise = noise.to(h.device)
+    elif sampling:  # two uniforms per (row, tile of any rank), then one per rank merge
+        uni = torch.rand(k, vs.ranks * tiles * 2 + vs.ranks, generator=gen, dtype=torch.float64)
+        uni = uni.to(h.device)
+    stats = _Online()  # processed distribution (entropy; soft embeddings when fp32)
+    soft_stats = _Online() if want_soft and emb_dtype != torch.float32 else None
+    best_v = best_i = smp_v = smp_i = None
+    res = _Online()  # reservoir mass of the sampling distribution (inverse-CDF draws)
+    for t in range(tiles):
+        c0, c1 = t * cols, min((t + 1) * cols, vs.size)
+        if c0 >= c1:
+            continue
+        w = vs.weight[c0:c1]
+        logits = head_logits(h, w, softcap)
+        z = logits / sched_t
+        mz, iz = z.max(-1)
+        e = torch.exp(z - mz[:, None])
+        stats.add(z, e, mz, w if want_soft and soft_stats is None else None)
+        if soft_stats is not None:
+            zc = z.to(emb_dtype).float()
+            mc = zc.max(-1).values
+            soft_stats.add(zc, torch.exp(zc - mc[:, None]), mc, w)
+        gi = iz + (vs.start + c0)
+        if best_v is None:
+            best_v, best_i = mz, gi
+        else:
+            better = mz > best_v  # strict: the earlier (lower) index wins ties, as argmax
+            best_v, best_i = torch.where(better, mz, best_v), torch.where(better, gi, best_i)
+        if not sampling:
+            continue
+        zs = z if temperature == 1.0 else logits / (sched_t * temperature)
+        if noise is not None:
+            score = zs - torch.log(noise[:, vs.start + c0: vs.start + c1])
+            sv, si = score.max(-1)
+            si = si + (vs.start + c0)
+            if smp_v is None:
+                smp_v, smp_i = sv, si
+            else:
+                better = sv > smp_v
+                smp_v, smp_i = torch.where(better, sv, smp_v), torch.where(better, si, smp_i)
+        else:
+            ms = mz if zs is z else zs.max(-1).values
+            ws = e if zs is z else torch.exp(zs - ms[:, None])
+            cdf = ws.cumsum(-1)
+            slot = 2 * (vs.rank * tiles + t)
+            u_in = uni[:, slot + 1].to(cdf.dtype)[:, None] * cdf[:, -1:]
+            cand = torch.searchsorted(cdf, u_in).squeeze(-1).clamp_(max=c1 - c0 - 1) + (vs.start + c0)
+            smp_i = _reservoir(res, ms, cdf[:, -1], cand, uni[:, slot], smp_i)
+    ent_parts = (stats.m, stats.s, stats.u)
+    if vs.ranks > 1:
+        fields = [stats.m, stats.s, stats.u, best_v, best_i.double()]
+        if sampling and noise is not None:
+            fields += [smp_v, smp_i.double()]
+        elif sampling:
+            fields += [res.m, res.s, smp_i.double()]
+        soft_src = soft_stats or stats
+        if want_soft:
+            fields += [soft_src.m, soft_src.s]
+        g = vs.gather(torch.stack([f.double() for f in fields], -1))  # [ranks, k, F]
+        m, s_, d = g[0, :, 0], g[0, :, 1], g[0, :, 2]
+        for q in range(1, vs.ranks):
+            m, s_, d, _ = merge(m, s_, d, g[q, :, 0], g[q, :, 1], g[q, :, 2])
+        ent_parts = (m, s_, d)
+        r = g[..., 3].argmax(0)  # first rank holding the best value: lowest vocabulary id
+        best_i = g[..., 4].gather(0, r[None])[0].long()
+        j = 5
+        if sampling and noise is not None:
+            r = g[..., j].argmax(0)
+            smp_i = g[..., j + 1].gather(0, r[None])[0].long()
+            j += 2
+        elif sampling:
+            merged = _Online()
+            pick = None
+            for q in range(vs.ranks):
+                pick = _reservoir(merged, g[q, :, j], g[q, :, j + 1], g[q, :, j + 2].long(),
+                                  uni[:, 2 * vs.ranks * tiles + q], pick)
+            smp_i = pick
+            j += 3
+        if want_soft:
+            sm, ss = g[..., j], g[..., j + 1]
+            m_soft = sm.max(0).values
+            sc = torch.exp(sm - m_soft)
+            denom = (ss * sc).sum(0)
+            acc = soft_src.acc * sc[vs.rank][:, None].to(soft_src.acc.dtype)
+            soft_src.acc, soft_src.s = vs.reduce(acc), denom
+    _, s, d = ent_parts
+    ent = (torch.log(s.double()) - d.double() / s.double()).float()
+    soft = None
+    if want_soft:
+        src = soft_stats or stats
+        soft = (src.acc / src.s[:, None].to(src.acc.dtype)).to(vs.weight.dtype)
+    denoiser = best_i if not sampling else smp_i
+    return denoiser, best_i, ent, soft
+
+
+def _reservoir(state: _Online, m, s, cand, u, current):
+    """Merge a block of mass ``s * exp(m)`` whose own draw is ``cand`` into the running draw:
+    take ``cand`` with probability block mass / total mass (``u`` uniform)."""
+    if state.m is None:
+        state.m, state.s = m.double(), s.double()
+        return cand
+    m, s = m.double(), s.double()
+    top = torch.maximum(state.m, m)
+    a, b = state.s * torch.exp(state.m - top), s * torch.exp(m - top)
+    take = u * (a + b) < b
+    state.m, state.s = top, a + b
+    return torch.where(take, cand, current)

@@ -1,0 +1,229 @@
+"""The vocabulary-tiled, vocabulary-parallel canvas head (dgemma_vllm/refine/head.py).
+
+Engine-free checks against the untiled reference operations (one tile, one rank: the sampler
+of the reference, bit for bit), a two-rank split run in two threads with real gather/reduce
+semantics, tensor memory at 1 and 16 concurrent canvases, and one engine whose head is cut into
+many tiles giving the reference's seeded tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dgemma_vllm.refine.head import VocabSlice, canvas_head, denoise_step, head_logits
+from dgemma_vllm.refine.params import DiffusionParams
+from dgemma_vllm.refine.sampler import CanvasState, entropy, refine_step
+
+V, H, N, CAP = 1000, 32, 24, 30.0
+
+
+def _weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(V, H, generator=g) * 0.3, torch.randn(N, H, generator=g) * 2.0)
+
+
+def _head(hidden, vs, *, seed, tile, temperature=1.0, exact=True, sched=0.7, budget=1 << 22):
+    gen = torch.Generator().manual_seed(seed)
+    out = canvas_head(hidden, vs, softcap=CAP, sched_t=torch.tensor(sched), temperature=temperature,
+                      generator=gen, exact_noise=exact, want_soft=True, emb_dtype=torch.float32,
+                      tile=tile, budget=budget)
+    return out, gen
+
+
+def _reference(hidden, w, *, seed, temperature=1.0, sched=0.7):
+    """The reference's step operations on full logits (what transformers does)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = head_logits(hidden, w, CAP)
+    processed = logits / torch.tensor(sched)
+    scaled = processed if temperature == 1.0 else logits / (torch.tensor(sched) * temperature)
+    probs = torch.softmax(scaled, -1, dtype=torch.float32)
+    den = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    soft = torch.softmax(processed, -1) @ w
+    return den, processed.argmax(-1), entropy(processed), soft, gen
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("tile,budget", [(V, 1 << 22), (V, 3 * V), (128, 1 << 22), (7, 3 * V)])
+def test_tiled_head_matches_untiled_reference(tile, budget, temperature):
+    w, hidden = _weights()
+    vs = VocabSlice(weight=w, start=0, size=V, vocab=V)
+    got, gen = _head(hidden, vs, seed=5, tile=tile, budget=budget, temperature=temperature)
+    den, am, ent, soft, rgen = _reference(hidden, w, seed=5, temperature=temperature)
+    assert torch.equal(got.denoiser, den)
+    assert torch.equal(got.argmax, am)
+    if tile >= V and budget >= N * V:  # one tile, one chunk: the reference operations themselves
+        assert torch.equal(got.entropy, ent) and torch.equal(got.soft, soft)
+    torch.testing.assert_close(got.entropy, ent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.soft, soft, rtol=1e-5, atol=1e-6)
+    # the same number of draws: the generators continue identically (renoising comes next)
+    assert torch.equal(torch.randint(0, V, (8,), generator=gen), torch.randint(0, V, (8,), generator=rgen))
+
+
+def test_wrong_noise_order_would_be_caught():
+    """The check above can fail: column-chunked noise (not the reference's row-major order)
+    gives different draws."""
+    w, hidden = _weights()
+    gen = torch.Generator().manual_seed(5)
+    logits = head_logits(hidden, w, CAP) / 0.7
+    q = torch.cat([torch.empty(N, V // 2).exponential_(1, generator=gen) for _ in range(2)], 1)
+    den, *_ = _reference(hidden, w, seed=5)
+    assert not torch.equal((logits - q.log()).argmax(-1), den)
+
+
+def test_inverse_cdf_tiles_draw_the_right_distribution():
+    """Unseeded requests: the reservoir merge of per-tile inverse-CDF draws is an exact
+    categorical draw (frequencies of 40k draws over a 12-word vocabulary)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 4, generator=g)
+    hidden = torch.randn(1, 4, generator=g).expand(40000, 4).contiguous()
+    vs = VocabSlice(weight=w, start=0, size=12, vocab=12)
+    got, _ = _head(hidden, vs, seed=3, tile=5, exact=False, sched=1.0)
+    p = torch.softmax(head_logits(hidden[:1], w, CAP)[0], -1)
+    freq = torch.bincount(got.denoiser, minlength=12).double() / 40000
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / 40000).sqrt().max() + 1e-3
+    one, _ = _head(hidden, vs, seed=3, tile=12, exact=False, sched=1.0)  # untiled sampler
+    freq1 = torch.bincount(one.denoiser, minlength=12).double() / 40000
+    assert (freq1 - p).abs().max() < 4 * (p * (1 - p) / 40000).sqrt().max() + 1e-3
+
+
+class _Group:
+    """All-gather / all-reduce between threads (one per simulated rank)."""
+
+    def __init__(self, ranks):
+        self.ranks, self.barrier, self.box = ranks, threading.Barrier(ranks), {}
+
+    def ops(self, rank):
+        def exchange(t):
+            self.box[rank] = t
+            self.barrier.wait()
+            out = [self.box[r] for r in range(self.ranks)]
+            self.barrier.wait()
+            return out
+
+        return (lambda t: torch.stack(exchange(t))), (lambda t: sum(exchange(t)))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_two_vocabulary_ranks_equal_one(exact):
+    """Vocabulary split over two ranks (uneven, 2 tiles each): each rank sees only its slice and a
+    few numbers per row from the other; tokens equal the one-rank head (seeded noise: equal to
+    the reference sampler too), soft embeddings and entropies match."""
+    w, hidden = _weights(1)
+    group, results = _Group(2), {}
+    split, max_size = 520, 520
+
+    def rank(r):
+        lo, hi = (0, split) if r == 0 else (split, V)
+        gather, reduce = group.ops(r)
+        vs = VocabSlice(weight=w[lo:hi], start=lo, size=hi - lo, vocab=V, max_size=max_size, rank=r,
+                        ranks=2, gather=gather, reduce=reduce)
+        results[r] = _head(hidden, vs, seed=9, tile=300, exact=exact)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    (a, ga), (b, gb) = results[0], results[1]
+    assert torch.equal(a.denoiser, b.denoiser) and torch.equal(a.argmax, b.argmax)
+    assert torch.equal(torch.rand(4, generator=ga), torch.rand(4, generator=gb))  # ranks in step
+    one, _ = _head(hidden, VocabSlice(weight=w, start=0, size=V, vocab=V), seed=9, tile=V, exact=exact)
+    assert torch.equal(a.argmax, one.argmax)
+    torch.testing.assert_close(a.entropy, one.entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.soft, one.soft, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.soft, one.soft, rtol=1e-5, atol=1e-6)
+    if exact:
+        assert torch.equal(a.denoiser, one.denoiser)
+
+
+class _PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensors created inside the block (storage-level, freed via weakref)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    n = st.nbytes()
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key, n)
+        return out
+
+    def _free(self, key, n):
+        self.live -= n
+        self.seen.discard(key)
+
+
+def _denoise_all(hidden_rows, vs, states, tile):
+    for i, st in enumerate(states):
+        denoise_step(st, hidden_rows[i], vs, softcap=CAP, emb_dtype=torch.float32,
+                     normalizer=torch.tensor(H ** 0.5), tile=tile)
+
+
+def test_head_memory_is_flat_in_concurrent_canvases():
+    """One denoising step over 1 and over 16 canvases of 256 rows, vocabulary 32768 (the
+    benchmark's `medium`), tile 4096: the tensors alive at the peak grow only by the per-request
+    state (soft embeddings [256, H] each), never by [rows, vocab] logits."""
+    vocab, hid, rows, tile = 32768, 64, 256, 4096
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(vocab, hid, generator=g) * 0.1
+    vs = VocabSlice(weight=w, start=0, size=vocab, vocab=vocab)
+    params = DiffusionParams(max_steps=4).validate()
+    peaks = {}
+    for reqs in (1, 16):
+        hidden = [torch.randn(rows, hid, generator=g) for _ in range(reqs)]
+        states = [CanvasState(params=params, vocab_size=vocab, generator=torch.Generator().manual_seed(i),
+                              exact_noise=False) for i in range(reqs)]
+        for st in states:
+            st.start_canvas(rows)
+        with _PeakTensorMemory() as mem:
+            _denoise_all(hidden, vs, states, tile)
+        peaks[reqs] = mem.peak
+    per_request_state = rows * hid * 4  # the fp32 soft embeddings kept for the next step
+    logits_bytes = 16 * rows * vocab * 4
+    print(f"\n[head memory] peak 1 canvas {peaks[1] / 2**20:.1f} MiB, 16 canvases "
+          f"{peaks[16] / 2**20:.1f} MiB (untiled logits alone: {logits_bytes / 2**20:.0f} MiB)")
+    assert peaks[16] - peaks[1] <= 16 * 2 * per_request_state
+    assert peaks[16] < 12 * rows * tile * 4  # a handful of [rows, tile] temporaries
+    # the measurement can fail: the untiled path holds full logits
+    with _PeakTensorMemory() as mem:
+        refine_step(states[0], head_logits(hidden[0], w, CAP))
+    assert mem.peak >= rows * vocab * 4
+
+
+def test_engine_with_many_head_tiles_equals_reference(tiny_ckpt):
+    """The engine with `dgemma_head_tile` 100 (tiny vocabulary 512: 6 tiles, the last partial):
+    seeded tokens equal the reference's."""
+    from conftest import start_llm, stop_llm
+    from vllm import SamplingParams
+
+    from dgemma_vllm import reference as ref
+    from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+
+    model = ref.load_reference(str(tiny_ckpt))
+    prompts = [[(17 * i + 3 * j) % 500 + 5 for j in range(4 + 11 * i)] for i in range(4)]
+    params = [SamplingParams(max_tokens=40, seed=70 + i, extra_args={"diffusion_max_steps": 3})
+              for i in range(4)]
+    llm = start_llm(tiny_ckpt, hf_overrides={"dgemma_head_tile": 100})
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        unseeded = llm.generate([{"prompt_token_ids": prompts[0]}] * 2,
+                                SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False)
+    finally:
+        stop_llm(llm)
+    for p, sp, o in zip(prompts, params, outs):
+        want = ref.expected_tokens(model, p, sp.seed, 40, (EOS_ID, EOT_ID), max_denoising_steps=3)
+        assert list(o.outputs[0].token_ids) == want
+    assert all(len(o.outputs[0].token_ids) == 24 for o in unseeded)
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
