@@ -1,4 +1,6 @@
-"""Entry point (group ``vllm.general_plugins``): runs once in every vLLM process."""
+"""Entry points: ``register`` (group ``vllm.general_plugins``) runs once in every vLLM process;
+``cpu_ray_platform`` (group ``vllm.platform_plugins``) runs earlier, while vLLM resolves its
+platform in every process, Ray workers included."""
 
 from __future__ import annotations
 
@@ -26,3 +28,21 @@ def register() -> None:
             from . import attention  # noqa: F401  (registers the canvas-aware CPU backend)
     except ImportError:
         pass
+
+
+def cpu_ray_platform() -> None:
+    """Let vLLM's Ray executors run on the CPU build (tensor parallelism over Ray workers).
+
+    vLLM 0.32's CPU platform has no ``ray_device_key``, and both Ray executors refuse it
+    (v1/executor/ray_utils.py:574, ray_executor_v2.py). With the key ``"GPU"`` they place one
+    worker per logical Ray "GPU": start the cluster with ``num_gpus`` = the number of ranks
+    (``ray start --head --num-gpus 2`` / ``ray.init(num_gpus=2)``); the ``CUDA_VISIBLE_DEVICES`` Ray
+    sets has no effect on CPU. Imports only the CPU platform class (no model code: this runs
+    during platform detection). Returns None, so vLLM's own platform choice stands."""
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except ImportError:  # CUDA build: its platform has a Ray key already
+        return None
+    if not getattr(CpuPlatform, "ray_device_key", ""):
+        CpuPlatform.ray_device_key = "GPU"
+    return None

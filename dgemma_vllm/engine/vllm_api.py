@@ -36,6 +36,10 @@ Facts the plugin relies on (file:line in vLLM 0.32.0):
   ``SchedulerStats`` first (loggers.py:1381-1436); they force stats on for ``vllm serve``.
   ``PrometheusStatLogger`` unregisters every ``vllm:``-prefixed collector when built, so the
   plugin's metrics are named ``dgemma:*``.
+- Ray on CPU: ``CpuPlatform.ray_device_key`` is empty in 0.32 (platforms/interface.py:150) and the
+  Ray executors refuse it; ``plugin.cpu_ray_platform`` (a ``vllm.platform_plugins`` entry point,
+  so it runs in Ray workers before anything else) sets it to ``"GPU"``. It lives in plugin.py,
+  not here, because importing this module pulls in model code during platform detection.
 """
 
 from __future__ import annotations
