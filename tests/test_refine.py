@@ -110,3 +110,20 @@ def test_inverse_cdf_sampler_has_the_right_distribution():
     freq = torch.bincount(draws, minlength=5).float() / draws.numel()
     assert freq[3] == 0
     assert torch.allclose(freq, probs, atol=0.005)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"dgemma_canvas_window": "wide"}, "dgemma_canvas_window must be 'reference' or 'symmetric'"),
+    ({"dgemma_head_tile": 0}, r"dgemma_head_tile must be an integer in \[1, 16777216\]"),
+    ({"dgemma_head_tile": "big"}, "dgemma_head_tile must be an integer"),
+    ({"dgemma_steps_per_engine_step": 17}, r"dgemma_steps_per_engine_step must be an integer in \[1, 16\]"),
+    ({"dgemma_steps_per_engine_step": 2.0}, "dgemma_steps_per_engine_step must be an integer"),
+])
+def test_plugin_options_are_checked(options, message):
+    from types import SimpleNamespace
+
+    from dgemma_vllm.engine.config import validate_options
+
+    validate_options(SimpleNamespace())  # defaults are valid
+    with pytest.raises(ValueError, match=message):
+        validate_options(SimpleNamespace(**options))

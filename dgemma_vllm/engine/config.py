@@ -9,6 +9,9 @@ Plugin options travel on the HF config (so every process sees them) and are set 
 - ``dgemma_head_tile``: vocabulary columns per tile of the canvas head (default 32768; see
   ``dgemma_vllm/refine/head.py``): the head's temporaries are bounded by it, whatever the number
   of requests.
+- ``dgemma_steps_per_engine_step``: denoising steps run inside one engine step when the batch holds
+  only denoising canvases (default 1; 1-16). Requests cannot join or leave inside such a group;
+  it saves vLLM's per-step scheduling and process hand-off. Token-exact with 1.
 """
 
 from __future__ import annotations
@@ -20,12 +23,24 @@ from . import vllm_api as V
 logger = logging.getLogger("dgemma_vllm")
 
 ARCH = "DiffusionGemmaForBlockDiffusion"
-OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": 32768}
+OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": 32768,
+                   "dgemma_steps_per_engine_step": 1}
 
 
 def plugin_options(vllm_config) -> dict:
     hf = vllm_config.model_config.hf_config
     return {k.removeprefix("dgemma_"): getattr(hf, k, v) for k, v in OPTION_DEFAULTS.items()}
+
+
+def validate_options(hf) -> None:
+    """Start-up check of the plugin options on the HF config (error names option and range)."""
+    window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
+    if window not in ("reference", "symmetric"):
+        raise ValueError(f"dgemma_canvas_window must be 'reference' or 'symmetric', got {window!r}")
+    for name, hi in (("dgemma_head_tile", 1 << 24), ("dgemma_steps_per_engine_step", 16)):
+        v = getattr(hf, name, OPTION_DEFAULTS[name])
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+            raise ValueError(f"{name} must be an integer in [1, {hi}], got {v!r}")
 
 
 def canvas_length_of(hf_config) -> int:
@@ -67,13 +82,7 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         DiffusionParams().with_overrides(overrides)  # bad server defaults fail at start-up
         validation.SERVED.update(canvas_length=hf.dgemma_canvas_length,
                                  vocab_size=hf.text_config.vocab_size, defaults=overrides)
-        window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
-        if window not in ("reference", "symmetric"):
-            raise ValueError("dgemma_canvas_window must be 'reference' or 'symmetric', "
-                             f"got {window!r}")
-        tile = getattr(hf, "dgemma_head_tile", OPTION_DEFAULTS["dgemma_head_tile"])
-        if not isinstance(tile, int) or isinstance(tile, bool) or not 1 <= tile <= (1 << 24):
-            raise ValueError(f"dgemma_head_tile must be an integer in [1, {1 << 24}], got {tile!r}")
+        validate_options(hf)
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:

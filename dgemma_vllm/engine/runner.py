@@ -62,11 +62,18 @@ class DGemmaRunnerMixin:
         self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
         self.dg_head_tile = int(plugin_options(self.vllm_config)["head_tile"])
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
+        self.dg_group = int(plugin_options(self.vllm_config)["steps_per_engine_step"])
+        self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
+        self.dg_plan = None
+        self.dg_applied = False
 
     def load_model(self, *args, **kwargs):
         out = super().load_model(*args, **kwargs)
         self._dg_model().hidden_head = True  # compute_logits hands the runner hidden states
         return out
+
+    def dg_runner_stats(self) -> dict:
+        return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps}
 
     def dg_request_stats(self) -> dict[str, dict]:
         """Per-request refinement statistics (live and recently finished requests)."""
@@ -161,6 +168,8 @@ class DGemmaRunnerMixin:
                               for s, n in softs]).to(device)
         self._dg_model().set_step(StepInputs(canvas_rows=canvas_rows, soft_embeds=soft))
         self.dg_plan = plan
+        self.dg_canvas_rows = canvas_rows
+        self.dg_applied = False
         self.dg_causal = torch.from_numpy(causal) if (causal == 0).any() else None
         self.dg_t0 = time.perf_counter()
         return canvas_rows, None, max_n
@@ -193,34 +202,72 @@ class DGemmaRunnerMixin:
             self.dg_causal = None
 
     # ------------------------------------------------------------------ sampling
+    def _dg_denoise(self, req_id, row, hidden):
+        """One denoising step of one request from its canvas rows' hidden states."""
+        model = self._dg_model()
+        if self.dg_vocab_slice is None:
+            self.dg_vocab_slice = model.vocab_slice()
+        vs = self.dg_vocab_slice
+        st = self.dg_states[req_id]
+        if self.dg_capture_dir:
+            sched_t = temperature(st.params, st.cur_step)
+            full = head_logits(hidden, vs.weight[: vs.size], SOFTCAP)
+            self._dg_record(req_id, row, st, full)
+        denoise_step(st, hidden, vs, softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
+                     normalizer=model.model.normalizer, tile=self.dg_head_tile)
+        if self.dg_capture_dir:
+            st._sc_logits = full / sched_t
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
+                       inputs_embeds=None, **model_kwargs):
+        """vLLM's forward; with ``dgemma_steps_per_engine_step`` k > 1 and a batch of denoising
+        canvases only, up to k - 1 further denoising steps run here, inside the same forward
+        context (same positions, attention metadata and KV slots; the canvas slots are rewritten
+        each time and rolled back by the scheduler as usual). The group ends early when a canvas
+        is ready to commit: the commit needs the scheduler."""
+        out = super()._model_forward(input_ids=input_ids, positions=positions,
+                                     intermediate_tensors=intermediate_tensors,
+                                     inputs_embeds=inputs_embeds, **model_kwargs)
+        plan = self.dg_plan
+        if (self.dg_group <= 1 or not plan or input_ids is None
+                or any(mode != DENOISE for _, mode, _ in plan)):
+            return out
+        rows = self.dg_canvas_rows
+        for _ in range(self.dg_group - 1):
+            hidden = out[rows]
+            off = 0
+            for row, (req_id, _, n) in enumerate(plan):
+                self._dg_denoise(req_id, row, hidden[off:off + n])
+                off += n
+            states = [self.dg_states[req_id] for req_id, _, _ in plan]
+            if any(st.commit is not None for st in states):
+                self.dg_applied = True  # this forward's step is done; _sample returns no token
+                return out
+            input_ids[rows] = torch.cat([st.canvas[0] for st in states]).to(input_ids.device,
+                                                                             input_ids.dtype)
+            self._dg_model().set_step(StepInputs(canvas_rows=rows,
+                                                 soft_embeds=torch.cat([st.soft for st in states])))
+            out = super()._model_forward(input_ids=input_ids, positions=positions,
+                                         intermediate_tensors=intermediate_tensors,
+                                         inputs_embeds=inputs_embeds, **model_kwargs)
+            self.dg_inner_steps += 1
+        return out
+
     def _sample(self, logits, spec_decode_metadata):
         # `logits` are the canvas rows' hidden states: the model's compute_logits hands them
         # through (model.hidden_head) and the head runs here, tiled, on this rank's vocabulary.
         plan, self.dg_plan = self.dg_plan, None
         if plan is None:  # dummy / profile run
             return super()._sample(logits, spec_decode_metadata)
-        model = self._dg_model()
-        if self.dg_vocab_slice is None:
-            self.dg_vocab_slice = model.vocab_slice()
-        vs = self.dg_vocab_slice
-        emb_dtype = model.model.embed_tokens.weight.dtype
-        normalizer = model.model.normalizer
+        applied, self.dg_applied = self.dg_applied, False
         num_reqs = len(plan)
         out: list[list[int]] = [[] for _ in range(num_reqs)]
         off = 0
         for row, (req_id, mode, n) in enumerate(plan):
             if mode == DENOISE:
-                st = self.dg_states[req_id]
-                hidden = logits[off:off + n]
+                if not applied:
+                    self._dg_denoise(req_id, row, logits[off:off + n])
                 off += n
-                if self.dg_capture_dir:
-                    sched_t = temperature(st.params, st.cur_step)
-                    full = head_logits(hidden, vs.weight[: vs.size], SOFTCAP)
-                    self._dg_record(req_id, row, st, full)
-                denoise_step(st, hidden, vs, softcap=SOFTCAP, emb_dtype=emb_dtype,
-                             normalizer=normalizer, tile=self.dg_head_tile)
-                if self.dg_capture_dir:
-                    st._sc_logits = full / sched_t
             elif mode == COMMIT:
                 st = self.dg_states[req_id]
                 out[row] = st.finish_commit().tolist()

@@ -10,3 +10,10 @@ def request_stats(llm) -> dict[str, dict]:
     per_worker = llm.collective_rpc("dgemma_request_stats")
     stats = per_worker[0] if per_worker else {}
     return {rid.rsplit("-", 1)[0]: s for rid, s in stats.items()}
+
+
+def runner_stats(llm) -> dict:
+    """Rank 0's runner counters: ``engine_steps`` (forwards that reached sampling) and
+    ``inner_steps`` (extra denoising forwards run inside an engine step)."""
+    per_worker = llm.collective_rpc("dgemma_runner_stats")
+    return per_worker[0] if per_worker else {}

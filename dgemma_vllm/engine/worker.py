@@ -35,6 +35,9 @@ if _CPUWorker is not None:
         def dgemma_request_stats(self) -> dict:
             return self.model_runner.dg_request_stats()
 
+        def dgemma_runner_stats(self) -> dict:
+            return self.model_runner.dg_runner_stats()
+
         def init_device(self):
             super().init_device()
             self.model_runner = DGemmaCPUModelRunner(self.vllm_config, torch.device("cpu"))
@@ -50,6 +53,9 @@ if _Worker is not None:
     class DGemmaGPUWorker(_Worker):
         def dgemma_request_stats(self) -> dict:
             return self.model_runner.dg_request_stats()
+
+        def dgemma_runner_stats(self) -> dict:
+            return self.model_runner.dg_runner_stats()
 
         def _make_model_runner(self):
             return _runner_class(_GPUModelRunner)(self.vllm_config, self.device)
