@@ -89,7 +89,8 @@ def test_max_model_len_is_respected(llm):
     (dict(extra_args={"diffusion_pinned": [0, 1]}), "diffusion_pinned needs diffusion_seed_canvas"),
     (dict(extra_args={"diffusion_seed_canvas": [5] * 16, "diffusion_pinned": [16]}), "diffusion_pinned must"),
     (dict(extra_args={"diffusion_canvas_length": 17}), "diffusion_canvas_length must be an integer in \\[1, 16\\]"),
-    (dict(extra_args={"diffusion_stream_drafts": True}), "diffusion_stream_drafts"),
+    (dict(extra_args={"diffusion_stream_drafts": "yes"}), "diffusion_stream_drafts must be true or false"),
+    (dict(n=2, extra_args={"diffusion_stream_drafts": True}), "diffusion_stream_drafts: needs n = 1"),
 ])
 def test_unsupported_or_bad_params_are_refused(llm, kwargs, name):
     from vllm.exceptions import VLLMValidationError

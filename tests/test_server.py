@@ -157,3 +157,53 @@ def test_refinement_metrics_on_prometheus_endpoint(server, client):
     assert d["dgemma:tokens_per_forward_sum"] == pytest.approx(3 * 16 / 4)
     assert d["dgemma:refinement_batch_size_count"] == 12  # 9 denoising + 3 commit steps
     assert d["dgemma:refinement_batch_size_sum"] == 12  # one canvas in each
+
+
+def _sse(server, path, body):
+    import httpx
+    import json as _json
+
+    events = []
+    with httpx.Client(timeout=120) as h:
+        with h.stream("POST", f"{server}/v1/{path}", json=body) as resp:
+            assert resp.status_code == 200, resp.read()
+            for line in resp.iter_lines():
+                if line.startswith("data:") and line.strip() != "data: [DONE]":
+                    events.append(_json.loads(line[5:]))
+    return events
+
+
+def test_streamed_drafts(server, client):
+    """diffusion_stream_drafts: after each denoising step that does not end its canvas, a chunk
+    with no text and the argmax draft; the committed text streams exactly as without drafts.
+    Stopping off and 3 steps: 2 drafts per canvas, 3 canvases for 40 tokens."""
+    xargs = {"diffusion_max_steps": 3, "diffusion_stability_threshold": 0,
+             "diffusion_confidence_threshold": 0}
+    body = {"model": "tiny", "prompt": "Drafts please", "max_tokens": 40, "seed": 12,
+            "ignore_eos": True, "stream": True, "vllm_xargs": xargs}
+    plain = _sse(server, "completions", body)
+    with_drafts = _sse(server, "completions",
+                       {**body, "vllm_xargs": {**xargs, "diffusion_stream_drafts": True}})
+    drafts = [c["dgemma_draft"] for e in with_drafts for c in e["choices"] if "dgemma_draft" in c]
+    text = lambda evs: "".join(c.get("text") or "" for e in evs for c in e["choices"])
+    assert text(with_drafts) == text(plain) and len(text(plain)) > 0
+    assert all("dgemma_draft" not in c for e in plain for c in e["choices"])
+    assert [(d["num_committed"], d["step"]) for d in drafts] == [(0, 1), (0, 2), (16, 1), (16, 2),
+                                                                 (32, 1), (32, 2)]
+    assert all(len(d["token_ids"]) == 16 and isinstance(d["text"], str) for d in drafts)
+    assert all(c.get("text") == "" for e in with_drafts for c in e["choices"] if "dgemma_draft" in c)
+    # chat, and a non-streaming request (no drafts, same text)
+    chat = _sse(server, "chat/completions", {
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+        "seed": 3, "ignore_eos": True, "stream": True,
+        "vllm_xargs": {**xargs, "diffusion_stream_drafts": True}})
+    assert sum("dgemma_draft" in c for e in chat for c in e["choices"]) == 4
+    whole = client.completions.create(model="tiny", prompt="Drafts please", max_tokens=40, seed=12,
+                                      extra_body={"ignore_eos": True, "vllm_xargs": {
+                                          **xargs, "diffusion_stream_drafts": True}})
+    assert whole.choices[0].text == text(plain)
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="diffusion_stream_drafts"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, n=2,
+                                  extra_body={"vllm_xargs": {"diffusion_stream_drafts": True}})

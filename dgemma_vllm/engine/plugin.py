@@ -21,6 +21,10 @@ def register() -> None:
 
     V.ModelRegistry.register_model(ARCH, "dgemma_vllm.model.dgemma:DGemmaForBlockDiffusion")
     V.MODELS_CONFIG_MAP[ARCH] = DGemmaConfigHook
+    if V.in_api_server_process():
+        from . import drafts
+
+        drafts.install()  # diffusion_stream_drafts on the OpenAI streaming endpoints
     try:
         from vllm.platforms import current_platform
 

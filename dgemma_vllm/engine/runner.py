@@ -66,6 +66,7 @@ class DGemmaRunnerMixin:
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
         self.dg_plan = None
         self.dg_applied = False
+        self.dg_drafts: dict[str, tuple[list[int], int]] = {}
 
     def load_model(self, *args, **kwargs):
         out = super().load_model(*args, **kwargs)
@@ -217,6 +218,17 @@ class DGemmaRunnerMixin:
                      normalizer=model.model.normalizer, tile=self.dg_head_tile)
         if self.dg_capture_dir:
             st._sc_logits = full / sched_t
+        if st.knobs.stream_drafts and st.commit is None:  # the next step commits this argmax
+            self.dg_drafts[req_id] = (st.argmax[0].tolist(), st.steps_this_canvas)
+
+    def sample_tokens(self, grammar_output):
+        """vLLM's; the argmax drafts of requests that stream them ride on the output
+        (``dgemma_drafts``: request id -> (token ids, step), read by the plugin's scheduler)."""
+        out = super().sample_tokens(grammar_output)
+        drafts, self.dg_drafts = self.dg_drafts, {}
+        if drafts and isinstance(out, V.ModelRunnerOutput) and out is not V.EMPTY_MODEL_RUNNER_OUTPUT:
+            out.dgemma_drafts = drafts
+        return out
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs):

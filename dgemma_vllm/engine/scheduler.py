@@ -64,7 +64,28 @@ class DGemmaScheduler(V.Scheduler):
         out = super().update_from_output(scheduler_output, model_runner_output)
         if self.log_stats and scheduler_output.finished_req_ids:
             self.dg_metrics.forget(self.requests)
+        drafts = getattr(model_runner_output, "dgemma_drafts", None)
+        if drafts:
+            self._emit_drafts(drafts, out)
         return out
+
+    def _emit_drafts(self, drafts: dict, outputs: dict) -> None:
+        """One token-less output per streaming request that asked for drafts: the argmax canvas
+        after a denoising step, in ``kv_transfer_params["dgemma_draft"]`` (see drafts.py)."""
+        for req_id, (ids, step) in drafts.items():
+            req = self.requests.get(req_id)
+            if req is None or req.is_finished() or req.sampling_params is None:
+                continue
+            if req.sampling_params.output_kind == V.RequestOutputKind.FINAL_ONLY:
+                continue
+            stats = req.take_prefill_stats()
+            if stats is not None:
+                stats.finalize(self.kv_cache_manager.estimate_cached_tokens(req))
+            draft = {"token_ids": ids, "step": step, "num_committed": req.num_output_tokens}
+            eco = outputs.setdefault(req.client_index, V.EngineCoreOutputs())
+            eco.outputs.append(V.EngineCoreOutput(
+                request_id=req_id, new_token_ids=[], events=req.take_events(), prefill_stats=stats,
+                kv_transfer_params={"dgemma_draft": draft}, trace_headers=req.trace_headers))
 
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)

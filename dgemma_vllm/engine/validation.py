@@ -17,8 +17,9 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 from dgemma_vllm.refine.params import EXTRA_ARGS, DiffusionParams, parse_request_knobs
 
 # Knobs of upstream DiffusionGemma users that this version of the plugin does not implement yet.
-NOT_YET = ("diffusion_stream_drafts",)
-CANVAS_KNOBS = ("diffusion_canvas_length", "diffusion_seed_canvas", "diffusion_pinned")
+NOT_YET: tuple[str, ...] = ()
+CANVAS_KNOBS = ("diffusion_canvas_length", "diffusion_seed_canvas", "diffusion_pinned",
+                "diffusion_stream_drafts")
 
 # Served geometry, recorded by the config hook in this (front-end) process.
 SERVED = {"canvas_length": 256, "vocab_size": 262144, "defaults": {}}
@@ -60,10 +61,12 @@ def validate_sampling_params(sp) -> None:
                     extra[key])
     try:
         DiffusionParams().with_overrides({**SERVED["defaults"], **extra})
-        parse_request_knobs(extra, SERVED["canvas_length"], SERVED["vocab_size"])
+        knobs = parse_request_knobs(extra, SERVED["canvas_length"], SERVED["vocab_size"])
     except ValueError as e:
         name = str(e).split(" ", 1)[0]
         raise VLLMValidationError(str(e), parameter=name) from None
+    if knobs.stream_drafts and sp.n != 1:
+        _reject("diffusion_stream_drafts", f"needs n = 1 (got n = {sp.n})", True)
 
 
 class DGemmaParamsValidator(LogitsProcessor):

@@ -36,6 +36,15 @@ Facts the plugin relies on (file:line in vLLM 0.32.0):
   ``SchedulerStats`` first (loggers.py:1381-1436); they force stats on for ``vllm serve``.
   ``PrometheusStatLogger`` unregisters every ``vllm:``-prefixed collector when built, so the
   plugin's metrics are named ``dgemma:*``.
+- Draft streaming (drafts.py): the runner adds ``dgemma_drafts`` to the ``ModelRunnerOutput`` of
+  ``sample_tokens`` (gpu_model_runner.py:4304; a plain dataclass, pickled whole between processes);
+  the scheduler appends, after ``update_from_output``, an ``EngineCoreOutput`` with no tokens and
+  ``kv_transfer_params={"dgemma_draft": ...}`` (a free dict, msgspec-encoded; the output processor
+  makes a ``RequestOutput`` of it for streaming requests, output_processor.py:307). The first output
+  of a request must carry ``take_prefill_stats()`` (scheduler.py:2208). In the API server the two
+  streaming generators ``OpenAIServingCompletion.completion_stream_generator``
+  (openai/completion/serving.py:279) and ``OpenAIServingChat.chat_completion_stream_generator``
+  (openai/chat_completion/serving.py:466) are wrapped: they never see draft-only outputs.
 - Ray on CPU: ``CpuPlatform.ray_device_key`` is empty in 0.32 (platforms/interface.py:150) and the
   Ray executors refuse it; ``plugin.cpu_ray_platform`` (a ``vllm.platform_plugins`` entry point,
   so it runs in Ray workers before anything else) sets it to ``"GPU"``. It lives in plugin.py,
@@ -75,7 +84,9 @@ from vllm.model_executor.models.utils import (  # noqa: F401
 
 # --- scheduler, worker, runner ------------------------------------------------------------
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
-from vllm.v1.outputs import SamplerOutput  # noqa: F401
+from vllm.sampling_params import RequestOutputKind  # noqa: F401
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs  # noqa: F401
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SamplerOutput  # noqa: F401
 
 # --- metrics ------------------------------------------------------------------------------
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase  # noqa: F401
@@ -124,3 +135,19 @@ def forward_context():
     from vllm.forward_context import get_forward_context
 
     return get_forward_context()
+
+
+def openai_serving_classes():
+    """(OpenAIServingCompletion, OpenAIServingChat) of the OpenAI server (API server process)."""
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    return OpenAIServingCompletion, OpenAIServingChat
+
+
+def in_api_server_process() -> bool:
+    """True in the process that runs vLLM's OpenAI server (its CLI / server modules are loaded)."""
+    import sys
+
+    return any(m in sys.modules for m in ("vllm.entrypoints.cli.serve",
+                                          "vllm.entrypoints.openai.api_server"))

@@ -112,6 +112,7 @@ class RequestKnobs:
     canvas_length: int | None = None
     seed_canvas: tuple[int, ...] | None = None
     pinned: tuple[int, ...] | None = None
+    stream_drafts: bool = False
 
 
 def parse_request_knobs(extra: dict | None, served_canvas: int, vocab_size: int) -> RequestKnobs:
@@ -151,4 +152,8 @@ def parse_request_knobs(extra: dict | None, served_canvas: int, vocab_size: int)
         if bad or len(set(pins)) != len(pins):
             raise ValueError(f"diffusion_pinned must be distinct positions in [0, {length}), got "
                              f"{list(pins)[:8]}")
-    return RequestKnobs(canvas_length=n, seed_canvas=seed, pinned=pins)
+    drafts = extra.get("diffusion_stream_drafts", False)
+    # JSON true arrives as 1 through the OpenAI server's vllm_xargs schema (str|int|float|list)
+    if drafts not in (True, False) or not isinstance(drafts, (bool, int)):
+        raise ValueError(f"diffusion_stream_drafts must be true or false (or 1 / 0), got {drafts!r}")
+    return RequestKnobs(canvas_length=n, seed_canvas=seed, pinned=pins, stream_drafts=bool(drafts))
