@@ -51,8 +51,9 @@ def _child(cfg: dict) -> None:
                for i in range(cfg["concurrency"])]
     llm.generate(prompts[:1], SamplingParams(max_tokens=canvas, ignore_eos=True, seed=1, extra_args=xargs),
                  use_tqdm=False)
-    params = [SamplingParams(max_tokens=canvas * cfg["canvases"], ignore_eos=True, seed=2 + i,
-                             extra_args=xargs) for i in range(len(prompts))]
+    params = [SamplingParams(max_tokens=canvas * cfg["canvases"], ignore_eos=True,
+                             seed=None if cfg["unseeded"] else 2 + i, extra_args=xargs)
+              for i in range(len(prompts))]
     t0 = time.perf_counter()
     out = llm.generate(prompts, params, use_tqdm=False)
     gen = time.perf_counter() - t0
@@ -84,6 +85,8 @@ def main() -> None:
     ap.add_argument("--canvases", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--configs", default="mp1,mp2,ray2")
+    ap.add_argument("--unseeded", action="store_true",
+                    help="unseeded requests (served traffic; batched sampling) instead of seeded")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -91,7 +94,7 @@ def main() -> None:
     rows = []
     for spec in a.configs.split(","):
         cfg = dict(geometry=a.geometry, steps=a.steps, canvases=a.canvases,
-                   concurrency=a.concurrency, spec=spec, **_parse(spec))
+                   concurrency=a.concurrency, unseeded=a.unseeded, spec=spec, **_parse(spec))
         env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0")
         if cfg["tp"] == 2 and cfg["backend"] == "mp":
             env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
@@ -103,7 +106,8 @@ def main() -> None:
             raise SystemExit(f"{spec} failed")
         rows.append(json.loads(line[0][7:]))
     base = rows[0]
-    print(f"\n{a.geometry}, {a.steps} steps, {a.canvases} canvases per request, concurrency {a.concurrency}\n")
+    print(f"\n{a.geometry}, {a.steps} steps, {a.canvases} canvases per request, concurrency "
+          f"{a.concurrency}, {'unseeded' if a.unseeded else 'seeded'}\n")
     print(f"| config | engine start (s) | time per canvas forward (s) | tokens/s | tokens/s / {base['spec']} "
           f"| seeded tokens equal to {base['spec']} |")
     print("|---|---|---|---|---|---|")

@@ -5,6 +5,7 @@ vocabulary-parallel (each rank samples over its own half; dgemma_vllm/refine/hea
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -26,26 +27,46 @@ def _generate_and_check(llm, model):
 
     params = [SamplingParams(max_tokens=40, seed=500 + i, extra_args={"diffusion_max_steps": 3})
               for i in range(len(PROMPTS))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    # plus two unseeded requests (batched sampling, noise shared by the ranks)
+    unseeded = SamplingParams(max_tokens=40, ignore_eos=True, extra_args={"diffusion_max_steps": 3})
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS + PROMPTS[:2]],
+                        params + [unseeded, unseeded], use_tqdm=False)
     for p, sp, o in zip(PROMPTS, params, outs):
         want = ref.expected_tokens(model, p, sp.seed, 40, (EOS_ID, EOT_ID), max_denoising_steps=3)
         assert list(o.outputs[0].token_ids) == want
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs[len(PROMPTS):])
+    # both ranks committed the same canvases for every request
+    ranks = llm.collective_rpc("dgemma_request_stats")
+    assert len(ranks) == 2 and ranks[0] == ranks[1] and len(ranks[0]) == len(PROMPTS) + 2
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run(tiny_ckpt, model, backend):
+    llm = start_llm(tiny_ckpt, tensor_parallel_size=2, distributed_executor_backend=backend)
+    try:
+        _generate_and_check(llm, model)
+    finally:
+        stop_llm(llm)
 
 
 def test_two_ranks_equal_reference(tiny_ckpt, model):
     # two ranks on one NUMA node: bind one core each by hand (vLLM's auto binding wants a node
     # per rank), and keep no core in reserve
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    try:
-        llm = start_llm(tiny_ckpt, tensor_parallel_size=2, distributed_executor_backend="mp")
-        try:
-            _generate_and_check(llm, model)
-        finally:
-            stop_llm(llm)
-    finally:
-        os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    with _env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
+        _run(tiny_ckpt, model, "mp")
 
 
 def test_two_ranks_under_ray_equal_reference(tiny_ckpt, model):
@@ -55,17 +76,8 @@ def test_two_ranks_under_ray_equal_reference(tiny_ckpt, model):
     import ray
 
     ctx = ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = ctx.address_info["address"]
     try:
-        llm = start_llm(tiny_ckpt, tensor_parallel_size=2, distributed_executor_backend="ray")
-        try:
-            _generate_and_check(llm, model)
-        finally:
-            stop_llm(llm)
+        with _env(RAY_ADDRESS=ctx.address_info["address"]):
+            _run(tiny_ckpt, model, "ray")
     finally:
         ray.shutdown()
-        if old is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = old

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dgemma_vllm.model.dgemma import SOFTCAP, StepInputs
-from dgemma_vllm.refine.head import denoise_step, head_logits
+from dgemma_vllm.refine.head import denoise_batch, denoise_step, head_logits
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
                                        server_overrides)
 from dgemma_vllm.refine.sampler import CanvasState, temperature
@@ -67,6 +67,9 @@ class DGemmaRunnerMixin:
         self.dg_plan = None
         self.dg_applied = False
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
+        # noise of unseeded requests, drawn for all of them at once; the same on every rank
+        self.dg_batch_gen = torch.Generator(device="cpu")
+        self.dg_batch_gen.manual_seed(int(self.model_config.seed or 0) + 0x5EED)
 
     def load_model(self, *args, **kwargs):
         out = super().load_model(*args, **kwargs)
@@ -203,23 +206,46 @@ class DGemmaRunnerMixin:
             self.dg_causal = None
 
     # ------------------------------------------------------------------ sampling
-    def _dg_denoise(self, req_id, row, hidden):
-        """One denoising step of one request from its canvas rows' hidden states."""
+    def _dg_denoise_all(self, entries, hidden):
+        """One denoising step for every (req_id, row, offset, n) entry from the canvas rows'
+        hidden states: seeded requests one by one (their own generators, the reference's draw
+        order), unseeded ones together in one head pass and one batched update."""
         model = self._dg_model()
         if self.dg_vocab_slice is None:
             self.dg_vocab_slice = model.vocab_slice()
         vs = self.dg_vocab_slice
-        st = self.dg_states[req_id]
-        if self.dg_capture_dir:
-            sched_t = temperature(st.params, st.cur_step)
-            full = head_logits(hidden, vs.weight[: vs.size], SOFTCAP)
-            self._dg_record(req_id, row, st, full)
-        denoise_step(st, hidden, vs, softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
-                     normalizer=model.model.normalizer, tile=self.dg_head_tile)
-        if self.dg_capture_dir:
-            st._sc_logits = full / sched_t
-        if st.knobs.stream_drafts and st.commit is None:  # the next step commits this argmax
-            self.dg_drafts[req_id] = (st.argmax[0].tolist(), st.steps_this_canvas)
+        kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
+                  normalizer=model.model.normalizer, tile=self.dg_head_tile)
+        batch = []
+        for req_id, row, off, n in entries:
+            st = self.dg_states[req_id]
+            rows = hidden[off:off + n]
+            if not st.exact_noise and not self.dg_capture_dir:
+                batch.append((st, rows))
+                continue
+            if self.dg_capture_dir:
+                sched_t = temperature(st.params, st.cur_step)
+                full = head_logits(rows, vs.weight[: vs.size], SOFTCAP)
+                self._dg_record(req_id, row, st, full)
+            denoise_step(st, rows, vs, **kw)
+            if self.dg_capture_dir:
+                st._sc_logits = full / sched_t
+        if batch:
+            states = [st for st, _ in batch]
+            rows = torch.cat([r for _, r in batch]) if len(batch) > 1 else batch[0][1]
+            denoise_batch(states, rows, vs, generator=self.dg_batch_gen, **kw)
+        for req_id, _, _, _ in entries:
+            st = self.dg_states[req_id]
+            if st.knobs.stream_drafts and st.commit is None:  # the next step commits this argmax
+                self.dg_drafts[req_id] = (st.argmax[0].tolist(), st.steps_this_canvas)
+
+    def _dg_entries(self, plan):
+        entries, off = [], 0
+        for row, (req_id, mode, n) in enumerate(plan):
+            if mode == DENOISE:
+                entries.append((req_id, row, off, n))
+                off += n
+        return entries
 
     def sample_tokens(self, grammar_output):
         """vLLM's; the argmax drafts of requests that stream them ride on the output
@@ -245,12 +271,9 @@ class DGemmaRunnerMixin:
                 or any(mode != DENOISE for _, mode, _ in plan)):
             return out
         rows = self.dg_canvas_rows
+        entries = self._dg_entries(plan)
         for _ in range(self.dg_group - 1):
-            hidden = out[rows]
-            off = 0
-            for row, (req_id, _, n) in enumerate(plan):
-                self._dg_denoise(req_id, row, hidden[off:off + n])
-                off += n
+            self._dg_denoise_all(entries, out[rows])
             states = [self.dg_states[req_id] for req_id, _, _ in plan]
             if any(st.commit is not None for st in states):
                 self.dg_applied = True  # this forward's step is done; _sample returns no token
@@ -274,13 +297,10 @@ class DGemmaRunnerMixin:
         applied, self.dg_applied = self.dg_applied, False
         num_reqs = len(plan)
         out: list[list[int]] = [[] for _ in range(num_reqs)]
-        off = 0
+        if not applied:
+            self._dg_denoise_all(self._dg_entries(plan), logits)
         for row, (req_id, mode, n) in enumerate(plan):
-            if mode == DENOISE:
-                if not applied:
-                    self._dg_denoise(req_id, row, logits[off:off + n])
-                off += n
-            elif mode == COMMIT:
+            if mode == COMMIT:
                 st = self.dg_states[req_id]
                 out[row] = st.finish_commit().tolist()
                 if self.dg_capture_dir and req_id in self.dg_capture:

@@ -36,7 +36,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .sampler import CanvasState, apply_step, entropy, sample_inverse_cdf, temperature
+from .sampler import (CanvasState, apply_step, apply_steps, entropy, sample_inverse_cdf,
+                      temperature)
 
 DEFAULT_TILE = 32768  # vocabulary columns per tile
 DEFAULT_BUDGET = 1 << 22  # elements of one [rows, columns] temporary (16 MiB in fp32)
@@ -74,14 +75,28 @@ def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t
                 temperature: float, generator: torch.Generator | None, exact_noise: bool,
                 want_soft: bool, emb_dtype: torch.dtype, tile: int = DEFAULT_TILE,
                 budget: int = DEFAULT_BUDGET) -> RowStats:
-    """Row statistics of one request's canvas (``hidden``: ``[n, H]``); see the module doc."""
+    """Row statistics of canvas rows (``hidden``: ``[n, H]``); see the module doc. One request:
+    `sched_t` a 0-d tensor and `temperature` a float. Several requests at once (unseeded only):
+    both per row, ``[n]`` tensors (the schedule temperature of each row's request, its
+    temperature; 0 = greedy)."""
+    per_row = isinstance(temperature, torch.Tensor)
+    if per_row and exact_noise:
+        raise ValueError("per-row parameters are for unseeded requests (exact_noise=False)")
     cols = max(1, min(tile, vs.max_size or vs.size))
     rows = max(1, budget // min(vs.vocab, cols))
     if exact_noise and temperature != 0.0:  # the noise is drawn a full row at a time
         rows = max(1, budget // vs.vocab)
     single = vs.ranks == 1 and vs.size <= cols
     step = _exact_chunk if single else _tiled_chunk
-    parts = [step(hidden[i:i + rows], vs, cols, softcap, sched_t, temperature, generator,
+
+    def chunk_params(i):
+        if not per_row:
+            return sched_t, temperature
+        dev = hidden.device
+        return (sched_t[i:i + rows, None].to(dev, torch.float32),
+                temperature[i:i + rows, None].to(dev, torch.float32))
+
+    parts = [step(hidden[i:i + rows], vs, cols, softcap, *chunk_params(i), generator,
                   exact_noise, want_soft, emb_dtype) for i in range(0, hidden.shape[0], rows)]
     den, am, ent, soft = zip(*parts)
     return RowStats(torch.cat(den), torch.cat(am), torch.cat(ent),
@@ -104,6 +119,29 @@ def denoise_step(state: CanvasState, hidden: torch.Tensor, vs: VocabSlice, *, so
     state.soft = None if state.commit is not None else stats.soft * normalizer.to(stats.soft.dtype)
 
 
+@torch.no_grad()
+def denoise_batch(states: list[CanvasState], hidden: torch.Tensor, vs: VocabSlice, *,
+                  softcap: float, emb_dtype: torch.dtype, normalizer: torch.Tensor,
+                  generator: torch.Generator, tile: int = DEFAULT_TILE,
+                  budget: int = DEFAULT_BUDGET) -> None:
+    """One denoising step of several unseeded requests at once (their canvas rows' hidden states
+    concatenated, ``[sum n, H]``): one head pass with per-row schedule temperatures, draws from one
+    shared `generator` (the same on every rank), then the batched per-row update."""
+    ns = [st.length for st in states]
+    sched = torch.cat([temperature(st.params, st.cur_step).reshape(1).expand(n)
+                       for st, n in zip(states, ns)])
+    temps = torch.cat([torch.full((n,), float(st.params.temperature)) for st, n in zip(states, ns)])
+    stats = canvas_head(hidden, vs, softcap=softcap, sched_t=sched, temperature=temps,
+                        generator=generator, exact_noise=False,
+                        want_soft=any(st.cur_step > 1 for st in states), emb_dtype=emb_dtype,
+                        tile=tile, budget=budget)
+    apply_steps(states, stats.denoiser.cpu(), stats.argmax.cpu(), stats.entropy.cpu(), generator)
+    o = 0
+    for st, n in zip(states, ns):
+        st.soft = None if st.commit is not None else stats.soft[o:o + n] * normalizer.to(stats.soft.dtype)
+        o += n
+
+
 def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, want_soft, emb_dtype):
     """One tile on one rank: the reference's own operations, row chunk by row chunk (row-wise
     operations and row-major noise make this bit-identical to the whole canvas at once)."""
@@ -111,7 +149,12 @@ def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
     logits = head_logits(h, w, softcap)
     processed = logits / sched_t
     probs = None
-    if temperature == 0.0:
+    if isinstance(temperature, torch.Tensor):  # several unseeded requests: per-row temperature
+        greedy = temperature == 0
+        scaled = logits / (sched_t * torch.where(greedy, 1.0, temperature))
+        drawn = sample_inverse_cdf(torch.softmax(scaled, dim=-1, dtype=torch.float32), gen)
+        denoiser = torch.where(greedy[:, 0], processed.argmax(-1), drawn)
+    elif temperature == 0.0:
         denoiser = processed.argmax(-1)
     else:
         scaled = processed if temperature == 1.0 else logits / (sched_t * temperature)
@@ -165,7 +208,13 @@ def merge(m1, s1, d1, m2, s2, d2):
 def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, want_soft, emb_dtype):
     k = h.shape[0]
     tiles = math.ceil((vs.max_size or vs.size) / cols)
-    sampling = temperature != 0.0
+    greedy = None
+    if isinstance(temperature, torch.Tensor):  # several unseeded requests: per-row temperature
+        greedy = temperature == 0
+        sampling = not bool(greedy.all())
+        temperature = torch.where(greedy, 1.0, temperature)
+    else:
+        sampling = temperature != 0.0
     noise = uni = None
     if sampling and exact_noise:  # every rank draws the same full rows, in the reference's order
         noise = torch.empty(k, vs.vocab, dtype=torch.float32).exponential_(1, generator=gen)
@@ -199,7 +248,10 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
             best_v, best_i = torch.where(better, mz, best_v), torch.where(better, gi, best_i)
         if not sampling:
             continue
-        zs = z if temperature == 1.0 else logits / (sched_t * temperature)
+        if isinstance(temperature, torch.Tensor):
+            zs = logits / (sched_t * temperature)
+        else:
+            zs = z if temperature == 1.0 else logits / (sched_t * temperature)
         if noise is not None:
             score = zs - torch.log(noise[:, vs.start + c0: vs.start + c1])
             sv, si = score.max(-1)
@@ -261,6 +313,8 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         src = soft_stats or stats
         soft = (src.acc / src.s[:, None].to(src.acc.dtype)).to(vs.weight.dtype)
     denoiser = best_i if not sampling else smp_i
+    if greedy is not None and sampling:
+        denoiser = torch.where(greedy[:, 0], best_i, smp_i)
     return denoiser, best_i, ent, soft
 
 

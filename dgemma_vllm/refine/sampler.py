@@ -47,8 +47,11 @@ class CanvasState:
     def length(self) -> int:
         return 0 if self.canvas is None else self.canvas.shape[1]
 
+    committed_hash: int = 0  # of every committed canvas (tensor-parallel ranks must agree)
+
     def stats(self) -> dict:
-        return {"canvases": self.canvases, "denoising_steps": self.steps}
+        return {"canvases": self.canvases, "denoising_steps": self.steps,
+                "committed_hash": self.committed_hash}
 
     def start_canvas(self, n: int, seed: torch.Tensor | None = None,
                      pins: torch.Tensor | None = None) -> None:
@@ -70,6 +73,7 @@ class CanvasState:
 
     def finish_commit(self) -> torch.Tensor:
         ids = self.commit
+        self.committed_hash = hash((self.committed_hash, tuple(ids.tolist())))
         self.canvases += 1
         self.canvas = self.argmax = self.history = self.soft = self.commit = None
         self.seed = self.pins = None
@@ -169,3 +173,65 @@ def apply_step(state: CanvasState, denoiser: torch.Tensor, new_argmax: torch.Ten
     state.cur_step -= 1
     if (stable and confident) or state.cur_step == 0:
         state.commit = new_argmax[0].clone()  # the ARGMAX canvas is committed (G793)
+
+
+@torch.no_grad()
+def apply_steps(states: list[CanvasState], denoiser: torch.Tensor, new_argmax: torch.Tensor,
+                ent: torch.Tensor, generator: torch.Generator) -> None:
+    """:func:`apply_step` for several requests at once (rows concatenated in `states` order):
+    acceptance, renoising (one draw from the shared `generator` for all rows), stopping and the
+    commit decision as tensor operations over each group of equal canvas length; per request only
+    the bookkeeping. Pins are applied per request (editing requests are rare)."""
+    offsets, o = [], 0
+    for st in states:
+        offsets.append(o)
+        o += st.length
+    groups: dict[int, list[int]] = {}
+    for i, st in enumerate(states):
+        groups.setdefault(st.length, []).append(i)
+    noise_all = torch.randint(0, states[0].vocab_size, (o,), generator=generator) if states else None
+    for n, idx in groups.items():
+        rows = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in idx])
+        den = denoiser[rows].view(-1, n)
+        am = new_argmax[rows].view(-1, n).clone()
+        en = ent[rows].view(-1, n)
+        noise = noise_all[rows].view(-1, n)
+        bound = torch.tensor([states[i].params.entropy_bound for i in idx], dtype=en.dtype)[:, None]
+        sorted_ent, order = torch.sort(en, dim=-1, descending=False)
+        cum = torch.cumsum(sorted_ent, dim=-1)
+        sel = cum - sorted_ent <= bound
+        accepted_mask = torch.scatter(torch.zeros_like(sel), dim=-1, index=order, src=sel)
+        canvas = torch.cat([states[i].canvas for i in idx])
+        canvas = torch.where(accepted_mask, den, canvas)
+        canvas = torch.where(~accepted_mask, noise, canvas)
+        for b, i in enumerate(idx):
+            st = states[i]
+            if st.pins is not None:
+                canvas[b, st.pins] = st.seed[0, st.pins]
+                am[b, st.pins] = st.seed[0, st.pins]
+        conf = torch.tensor([states[i].params.confidence_threshold for i in idx], dtype=en.dtype)
+        confident = (en.mean(-1) < conf).tolist()
+        stable = [True] * len(idx)
+        by_thr: dict[int, list[int]] = {}
+        for b, i in enumerate(idx):
+            t = states[i].params.stability_threshold
+            if t:
+                by_thr.setdefault(t, []).append(b)
+        for t, bs in by_thr.items():
+            hist = torch.stack([states[idx[b]].history.view(t, n) if states[idx[b]].history is not None
+                                else torch.full((t, n), -1, dtype=am.dtype) for b in bs])
+            cur = am[bs]
+            same = (hist == cur[:, None]).all(-1).all(-1).tolist()
+            hist = torch.cat([hist[:, 1:], cur[:, None]], 1)
+            for j, b in enumerate(bs):
+                stable[b] = same[j]
+                states[idx[b]].history = hist[j].view(t, 1, n)
+        for b, i in enumerate(idx):
+            st = states[i]
+            st.canvas = canvas[b:b + 1]
+            st.argmax = am[b:b + 1]
+            st.steps += 1
+            st.steps_this_canvas += 1
+            st.cur_step -= 1
+            if (stable[b] and confident[b]) or st.cur_step == 0:
+                st.commit = am[b].clone()
