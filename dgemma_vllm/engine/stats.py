@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def request_stats(llm) -> dict[str, dict]:
-    """``{user request id: {"canvases", "denoising_steps"}}`` from rank 0's runner.
+    """``{user request id: {"canvases", "denoising_steps", "committed_hash"}}`` from rank 0's runner.
 
     vLLM suffixes user request ids internally (``"3" -> "3-1a2b3c4d"``); the suffix is removed."""
     per_worker = llm.collective_rpc("dgemma_request_stats")
