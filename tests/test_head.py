@@ -304,3 +304,17 @@ def test_batched_head_matches_per_request_head(tile):
         torch.testing.assert_close(batched.soft[a:b], one.soft, rtol=1e-5, atol=1e-6)
     assert torch.equal(batched.denoiser[16:], batched.argmax[16:])
     assert not torch.equal(batched.denoiser[:16], batched.argmax[:16])
+
+
+@pytest.mark.parametrize("tile", [V, 128])
+def test_untied_head_uses_its_own_weight_and_embeds_with_the_embedding(tile):
+    """With tie_word_embeddings=False the logits come from the head and the self-conditioning soft
+    embeddings from the input embedding (reference semantics)."""
+    w, hidden = _weights(3)
+    emb = torch.randn(V, H, generator=torch.Generator().manual_seed(9)) * 0.3
+    vs = VocabSlice(weight=w, start=0, size=V, vocab=V, embed=emb)
+    got, _ = _head(hidden, vs, seed=5, tile=tile)
+    den, am, ent, _, _ = _reference(hidden, w, seed=5)
+    assert torch.equal(got.denoiser, den) and torch.equal(got.argmax, am)
+    want_soft = torch.softmax(head_logits(hidden, w, CAP) / 0.7, -1) @ emb
+    torch.testing.assert_close(got.soft, want_soft, rtol=1e-5, atol=1e-6)

@@ -60,21 +60,16 @@ class DGemmaRunnerMixin:
         self.dg_exact_unseeded = os.environ.get("DGEMMA_EXACT_NOISE", "0") == "1"
         self.dg_capture: dict[str, list] = {}
         self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
-        self.dg_head_tile = int(plugin_options(self.vllm_config)["head_tile"])
+        opts = plugin_options(self.vllm_config)
+        self.dg_head_tile = int(opts["head_tile"])
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
-        self.dg_group = int(plugin_options(self.vllm_config)["steps_per_engine_step"])
+        self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
-        self.dg_plan = None
         self.dg_applied = False
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
         # noise of unseeded requests, drawn for all of them at once; the same on every rank
         self.dg_batch_gen = torch.Generator(device="cpu")
         self.dg_batch_gen.manual_seed(int(self.model_config.seed or 0) + 0x5EED)
-
-    def load_model(self, *args, **kwargs):
-        out = super().load_model(*args, **kwargs)
-        self._dg_model().hidden_head = True  # compute_logits hands the runner hidden states
-        return out
 
     def dg_runner_stats(self) -> dict:
         return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps}
@@ -290,7 +285,7 @@ class DGemmaRunnerMixin:
 
     def _sample(self, logits, spec_decode_metadata):
         # `logits` are the canvas rows' hidden states: the model's compute_logits hands them
-        # through (model.hidden_head) and the head runs here, tiled, on this rank's vocabulary.
+        # through unchanged and the head runs here, tiled, on this rank's vocabulary.
         plan, self.dg_plan = self.dg_plan, None
         if plan is None:  # dummy / profile run
             return super()._sample(logits, spec_decode_metadata)

@@ -69,7 +69,6 @@ from vllm.distributed import (  # noqa: F401
     tensor_model_parallel_all_reduce,
 )
 from vllm.model_executor.layers.layernorm import RMSNorm  # noqa: F401
-from vllm.model_executor.layers.logits_processor import LogitsProcessor  # noqa: F401
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead  # noqa: F401
 from vllm.model_executor.models.gemma4 import (  # noqa: F401
     Gemma4DecoderLayer,

@@ -125,14 +125,12 @@ class DGemmaForBlockDiffusion(nn.Module):
                                         prefix=V.maybe_prefix(prefix, "lm_head"))
         if getattr(hf_config, "tie_word_embeddings", True):
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = V.LogitsProcessor(config.vocab_size, soft_cap=None)
 
         n = config.num_hidden_layers
         # The two layer_scalar sets of the checkpoint (buffers are not tied in the reference).
         self.register_buffer("encoder_layer_scalars", torch.ones(n), persistent=False)
         self.register_buffer("decoder_layer_scalars", torch.ones(n), persistent=False)
         self._step: StepInputs | None = None
-        self.hidden_head = False  # set by the plugin's runner: compute_logits returns hidden states
 
     # ------------------------------------------------------------------ runner interface
     def set_step(self, step: StepInputs | None) -> None:
@@ -165,32 +163,29 @@ class DGemmaForBlockDiffusion(nn.Module):
                 layer.layer_scalar = scalars[i]
         return self.model(None, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        if self.hidden_head:
-            # The plugin's runner computes the head itself, tiled over the vocabulary and on this
-            # rank's slice only (dgemma_vllm/refine/head.py): hand it the canvas rows' hidden states.
-            return hidden_states
-        logits = self.logits_processor(self.lm_head, hidden_states)
-        if logits is None:
-            return None
-        logits = logits.float()
-        return torch.tanh(logits / SOFTCAP) * SOFTCAP
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The plugin's runner computes the head itself, tiled over the vocabulary and on this
+        rank's slice only (dgemma_vllm/refine/head.py, fp32, softcap SOFTCAP): vLLM's logits step
+        hands it the canvas rows' hidden states unchanged."""
+        return hidden_states
 
     def vocab_slice(self):
         """This rank's slice of the tied output embedding, with the tensor-parallel collectives
         (for :func:`dgemma_vllm.refine.head.canvas_head`)."""
         from dgemma_vllm.refine.head import VocabSlice
 
-        emb = self.model.embed_tokens
+        emb, head = self.model.embed_tokens, self.lm_head
+        # soft embeddings use the input embedding; a separate table only when not tied
+        untied = None if head.weight is emb.weight else emb.weight
         tp = V.get_tensor_model_parallel_world_size()
         if tp == 1:
-            return VocabSlice(weight=emb.weight, start=0, size=self.config.vocab_size,
-                              vocab=self.config.vocab_size)
-        si = emb.shard_indices
+            return VocabSlice(weight=head.weight, start=0, size=self.config.vocab_size,
+                              vocab=self.config.vocab_size, embed=untied)
+        si = head.shard_indices
         return VocabSlice(
-            weight=emb.weight, start=si.org_vocab_start_index,
+            weight=head.weight, embed=untied, start=si.org_vocab_start_index,
             size=si.org_vocab_end_index - si.org_vocab_start_index, vocab=self.config.vocab_size,
-            max_size=emb.num_embeddings_per_partition, rank=V.get_tensor_model_parallel_rank(),
+            max_size=head.num_embeddings_per_partition, rank=V.get_tensor_model_parallel_rank(),
             ranks=tp, gather=lambda t: V.tensor_model_parallel_all_gather(t[None], dim=0),
             reduce=V.tensor_model_parallel_all_reduce)
 

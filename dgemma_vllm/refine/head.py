@@ -47,7 +47,7 @@ DEFAULT_BUDGET = 1 << 22  # elements of one [rows, columns] temporary (16 MiB in
 class VocabSlice:
     """This rank's rows of the (tied) output embedding."""
 
-    weight: torch.Tensor  # [>= size, hidden]
+    weight: torch.Tensor  # [>= size, hidden] output head rows
     start: int  # vocabulary id of weight[0]
     size: int  # real vocabulary rows held here
     vocab: int  # full vocabulary
@@ -56,6 +56,11 @@ class VocabSlice:
     ranks: int = 1
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # t -> [ranks, *t.shape]
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce (sum)
+    embed: torch.Tensor | None = None  # input embedding rows for soft embeddings, if not tied
+
+    @property
+    def soft_weight(self) -> torch.Tensor:
+        return self.weight if self.embed is None else self.embed
 
 
 class RowStats(NamedTuple):
@@ -172,7 +177,8 @@ def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
     if want_soft:
         if probs is None or emb_dtype != torch.float32:
             probs = torch.softmax(processed.to(emb_dtype), dim=-1, dtype=torch.float32)
-        soft = probs.to(w.dtype) @ w
+        e = vs.soft_weight[: vs.size]
+        soft = probs.to(e.dtype) @ e
     return denoiser, argmax, ent, soft
 
 
@@ -235,17 +241,13 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         z = logits / sched_t
         mz, iz = z.max(-1)
         e = torch.exp(z - mz[:, None])
-        stats.add(z, e, mz, w if want_soft and soft_stats is None else None)
+        emb = vs.soft_weight[c0:c1] if want_soft else None
+        stats.add(z, e, mz, emb if soft_stats is None else None)
         if soft_stats is not None:
             zc = z.to(emb_dtype).float()
             mc = zc.max(-1).values
-            soft_stats.add(zc, torch.exp(zc - mc[:, None]), mc, w)
-        gi = iz + (vs.start + c0)
-        if best_v is None:
-            best_v, best_i = mz, gi
-        else:
-            better = mz > best_v  # strict: the earlier (lower) index wins ties, as argmax
-            best_v, best_i = torch.where(better, mz, best_v), torch.where(better, gi, best_i)
+            soft_stats.add(zc, torch.exp(zc - mc[:, None]), mc, emb)
+        best_v, best_i = _keep_max(best_v, best_i, mz, iz + (vs.start + c0))
         if not sampling:
             continue
         if isinstance(temperature, torch.Tensor):
@@ -255,12 +257,7 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         if noise is not None:
             score = zs - torch.log(noise[:, vs.start + c0: vs.start + c1])
             sv, si = score.max(-1)
-            si = si + (vs.start + c0)
-            if smp_v is None:
-                smp_v, smp_i = sv, si
-            else:
-                better = sv > smp_v
-                smp_v, smp_i = torch.where(better, sv, smp_v), torch.where(better, si, smp_i)
+            smp_v, smp_i = _keep_max(smp_v, smp_i, sv, si + (vs.start + c0))
         else:
             ms = mz if zs is z else zs.max(-1).values
             ws = e if zs is z else torch.exp(zs - ms[:, None])
@@ -311,11 +308,20 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
     soft = None
     if want_soft:
         src = soft_stats or stats
-        soft = (src.acc / src.s[:, None].to(src.acc.dtype)).to(vs.weight.dtype)
+        soft = (src.acc / src.s[:, None].to(src.acc.dtype)).to(vs.soft_weight.dtype)
     denoiser = best_i if not sampling else smp_i
     if greedy is not None and sampling:
         denoiser = torch.where(greedy[:, 0], best_i, smp_i)
     return denoiser, best_i, ent, soft
+
+
+def _keep_max(best_v, best_i, v, i):
+    """Running (max, index) over tiles in vocabulary order; strict, so the earlier (lower) index
+    wins ties, as argmax."""
+    if best_v is None:
+        return v, i
+    better = v > best_v
+    return torch.where(better, v, best_v), torch.where(better, i, best_i)
 
 
 def _reservoir(state: _Online, m, s, cand, u, current):

@@ -139,40 +139,7 @@ def apply_step(state: CanvasState, denoiser: torch.Tensor, new_argmax: torch.Ten
                ent: torch.Tensor) -> None:
     """The per-row part of a denoising step, given each row's sampled token, argmax token and
     entropy (``[n]`` each): acceptance, renoising, pins, stopping, and the commit decision."""
-    p = state.params
-    n = denoiser.shape[0]
-    denoiser, new_argmax, ent = denoiser.view(1, n), new_argmax.view(1, n).clone(), ent.view(1, n)
-
-    # entropy-bound acceptance (G437-448)
-    sorted_ent, order = torch.sort(ent, dim=-1, descending=False)
-    cum = torch.cumsum(sorted_ent, dim=-1)
-    sel = cum - sorted_ent <= p.entropy_bound
-    accepted_mask = torch.scatter(torch.zeros_like(sel), dim=-1, index=order, src=sel)
-    accepted = torch.where(accepted_mask, denoiser, state.canvas)
-    # uniform renoising of every non-accepted position (G450-469)
-    noise = torch.randint(0, state.vocab_size, (1, n), generator=state.generator)
-    state.canvas = torch.where(~accepted_mask, noise, accepted)
-    if state.pins is not None:  # editing / infill: pinned positions keep their seed token
-        state.canvas[0, state.pins] = state.seed[0, state.pins]
-        new_argmax[0, state.pins] = state.seed[0, state.pins]
-
-    # stable-and-confident stopping (G484-540)
-    if p.stability_threshold == 0:
-        stable = True
-    else:
-        if state.history is None:
-            state.history = torch.full((p.stability_threshold, 1, n), -1, dtype=new_argmax.dtype)
-        stable = bool((state.history == new_argmax[None]).all(-1).all(0).item())
-        state.history = torch.roll(state.history, shifts=-1, dims=0)
-        state.history[-1] = new_argmax
-    confident = bool((ent.mean(-1) < p.confidence_threshold).item())
-
-    state.argmax = new_argmax
-    state.steps += 1
-    state.steps_this_canvas += 1
-    state.cur_step -= 1
-    if (stable and confident) or state.cur_step == 0:
-        state.commit = new_argmax[0].clone()  # the ARGMAX canvas is committed (G793)
+    apply_steps([state], denoiser, new_argmax, ent, state.generator)
 
 
 @torch.no_grad()
