@@ -92,3 +92,23 @@ def test_autoregressive_twin(tmp_path):
 def test_unknown_geometry_is_named():
     with pytest.raises(ValueError, match="geometry must be one of"):
         checkpoint("nope")
+
+
+def test_cli_help_and_make_checkpoint(tmp_path):
+    """`dgemma-vllm --help` lists every subcommand with its explanation; each subcommand answers
+    `--help`; `make-checkpoint` writes a loadable checkpoint."""
+    import subprocess
+    import sys
+
+    exe = [sys.executable, "-m", "dgemma_vllm.cli"]
+    top = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for sub in ("demo", "make-checkpoint", "serve", "bench"):
+        assert f"dgemma-vllm {sub}" in top
+    for sub in ("demo", "make-checkpoint", "bench"):
+        r = subprocess.run([*exe, sub, "--help"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "usage" in r.stdout.lower(), (sub, r.stdout[-500:], r.stderr[-500:])
+    out = tmp_path / "ck"
+    subprocess.run([*exe, "make-checkpoint", str(out), "--geometry", "tiny"], check=True,
+                   capture_output=True, timeout=300)
+    assert (out / "config.json").exists() and (out / "generation_config.json").exists()
+    assert (out / "tokenizer.json").exists()
