@@ -136,7 +136,8 @@ def _metrics(base, prefix="dgemma:"):
 def test_refinement_metrics_on_prometheus_endpoint(server, client):
     """dgemma:* metrics on /metrics. With stability 0 and confidence 0 a canvas never stops
     early, so one request of 40 tokens (canvases 16 + 16 + 16, the last cut to 8) takes exactly
-    3 x 3 denoising steps and 3 commits, alone in every engine step."""
+    3 x 3 denoising steps and 3 commits, alone in every engine step; the first two commits are
+    fused with the next canvas's first step (10 engine steps)."""
     before = _metrics(server)
     xargs = {"diffusion_max_steps": 3, "diffusion_stability_threshold": 0,
              "diffusion_confidence_threshold": 0}
@@ -155,8 +156,9 @@ def test_refinement_metrics_on_prometheus_endpoint(server, client):
     assert d["dgemma:denoising_steps_per_canvas_bucket[3.0]"] == 3
     assert d["dgemma:tokens_per_forward_count"] == 3
     assert d["dgemma:tokens_per_forward_sum"] == pytest.approx(3 * 16 / 4)
-    assert d["dgemma:refinement_batch_size_count"] == 12  # 9 denoising + 3 commit steps
-    assert d["dgemma:refinement_batch_size_sum"] == 12  # one canvas in each
+    assert d["dgemma:fused_commits_total"] == 2
+    assert d["dgemma:refinement_batch_size_count"] == 10  # 9 denoising + 3 commits, 2 fused
+    assert d["dgemma:refinement_batch_size_sum"] == 12  # a fused step holds two canvases
 
 
 def _sse(server, path, body):

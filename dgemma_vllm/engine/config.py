@@ -12,6 +12,9 @@ Plugin options travel on the HF config (so every process sees them) and are set 
 - ``dgemma_steps_per_engine_step``: denoising steps run inside one engine step when the batch holds
   only denoising canvases (default 1; 1-16). Requests cannot join or leave inside such a group;
   it saves vLLM's per-step scheduling and process hand-off. Token-exact with 1.
+- ``dgemma_fuse_commit``: run a canvas's commit pass and the next canvas's first denoising step in
+  one forward (default true): the committed rows causal, the new canvas after them bidirectional,
+  reading their K/V. Token-exact with false (one forward per canvas fewer).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ logger = logging.getLogger("dgemma_vllm")
 
 ARCH = "DiffusionGemmaForBlockDiffusion"
 OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": 32768,
-                   "dgemma_steps_per_engine_step": 1}
+                   "dgemma_steps_per_engine_step": 1, "dgemma_fuse_commit": True}
 
 
 def plugin_options(vllm_config) -> dict:
@@ -37,6 +40,9 @@ def validate_options(hf) -> None:
     window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
     if window not in ("reference", "symmetric"):
         raise ValueError(f"dgemma_canvas_window must be 'reference' or 'symmetric', got {window!r}")
+    fuse = getattr(hf, "dgemma_fuse_commit", OPTION_DEFAULTS["dgemma_fuse_commit"])
+    if not isinstance(fuse, bool):
+        raise ValueError(f"dgemma_fuse_commit must be true or false, got {fuse!r}")
     for name, hi in (("dgemma_head_tile", 1 << 24), ("dgemma_steps_per_engine_step", 16)):
         v = getattr(hf, name, OPTION_DEFAULTS[name])
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:

@@ -18,10 +18,12 @@ Metrics (labels ``model_name``, ``engine``):
 
 - ``dgemma:canvases_committed_total``: canvases committed (one commit pass each).
 - ``dgemma:denoising_steps_total``: denoising forwards over a canvas.
+- ``dgemma:fused_commits_total``: commits that ran in the same forward as the next canvas's first
+  denoising step (``dgemma_fuse_commit``).
 - ``dgemma:canvas_tokens_committed_total``: tokens committed (before EOS / stop / max_tokens cuts).
 - ``dgemma:denoising_steps_per_canvas``: histogram, denoising steps each committed canvas took.
 - ``dgemma:tokens_per_forward``: histogram, per committed canvas: its tokens / its forwards
-  (denoising steps + the commit pass).
+  (denoising steps + the commit pass, fused or not).
 - ``dgemma:refinement_batch_size``: histogram, canvases (denoising or committing) per engine step.
 """
 
@@ -52,12 +54,15 @@ class RefinementMetrics:
     def _observe(self, name: str, value: int) -> None:
         self.counts[f"{PREFIX}h.{name}={int(value)}"] += 1
 
-    def record_step(self, canvases: dict[str, int]) -> None:
+    def record_step(self, canvases: dict[str, int], fused: set[str] = frozenset()) -> None:
         """`canvases`: request id -> tokens the runner returned for its scheduled canvas
-        (0 = a denoising step, > 0 = the commit of that many tokens)."""
+        (0 = a denoising step, > 0 = the commit of that many tokens); `fused`: requests whose
+        commit ran in one forward with the next canvas's first denoising step."""
         if not canvases:
             return
-        self._observe("refinement_batch_size", len(canvases))
+        self._observe("refinement_batch_size", len(canvases) + len(fused))
+        for req_id in fused:
+            self._inc("fused_commits")
         for req_id, got in canvases.items():
             if got == 0:
                 self.steps[req_id] = self.steps.get(req_id, 0) + 1
@@ -68,6 +73,9 @@ class RefinementMetrics:
             self._inc("canvas_tokens_committed", got)
             self._observe("denoising_steps_per_canvas", steps)
             self._observe("tokens_per_forward", round(MILLI * got / (steps + 1)))
+            if req_id in fused:  # the next canvas's first denoising step
+                self.steps[req_id] = 1
+                self._inc("denoising_steps")
 
     def forget(self, live_request_ids) -> None:
         """Drop the step counts of requests that finished or were aborted."""
@@ -95,6 +103,9 @@ def _prometheus_metrics() -> dict:
                 "dgemma:canvases_committed", "Canvases committed by block refinement.", labels),
             "c.denoising_steps": P.Counter(
                 "dgemma:denoising_steps", "Denoising forwards over a canvas.", labels),
+            "c.fused_commits": P.Counter(
+                "dgemma:fused_commits",
+                "Commits run in one forward with the next canvas's first denoising step.", labels),
             "c.canvas_tokens_committed": P.Counter(
                 "dgemma:canvas_tokens_committed",
                 "Tokens committed with canvases (before EOS/stop/max_tokens cuts).", labels),

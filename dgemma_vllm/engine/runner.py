@@ -37,6 +37,57 @@ from .config import canvas_length_of, canvas_positions, plugin_options
 logger = logging.getLogger("dgemma_vllm")
 
 PREFILL, DENOISE, COMMIT, IDLE = "prefill", "denoise", "commit", "idle"
+FUSED = "fused"  # a commit and the first denoising step of the next canvas, in one forward
+
+
+def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
+    """Attention metadata in which each fused request (row -> ``nc`` committed tokens) is two
+    sequences over the same block table: its ``nc`` committed rows, causal, with context up to
+    them, then its canvas rows, bidirectional, with context up to the canvas end. Every other
+    per-request field is repeated for the second half; token-level fields are unchanged (the
+    rows and slots are the same tokens)."""
+    n = cm.num_reqs
+    qsl = cm.query_start_loc_cpu.tolist()
+    seq_cpu = cm.seq_lens.cpu().tolist()
+    idx, new_qsl, new_seq, new_causal = [], [0], [], []
+    flags = causal.tolist()
+    for r in range(n):
+        q0, q1 = qsl[r], qsl[r + 1]
+        if r in split:
+            nc = split[r]
+            idx += [r, r]
+            new_qsl += [q0 + nc, q1]
+            new_seq += [seq_cpu[r] - (q1 - q0 - nc), seq_cpu[r]]
+            new_causal += [1, 0]
+        else:
+            idx.append(r)
+            new_qsl.append(q1)
+            new_seq.append(seq_cpu[r])
+            new_causal.append(flags[r])
+    dev = cm.query_start_loc.device
+    index = torch.tensor(idx, dtype=torch.long)
+    qsl_cpu = torch.tensor(new_qsl, dtype=cm.query_start_loc_cpu.dtype)
+    seq_t = torch.tensor(new_seq, dtype=cm.seq_lens.dtype)
+    changes = dict(
+        num_reqs=len(idx), query_start_loc=qsl_cpu.to(dev), query_start_loc_cpu=qsl_cpu,
+        seq_lens=seq_t.to(cm.seq_lens.device), causal=torch.tensor(new_causal, dtype=torch.int32).to(dev),
+        max_query_len=int(max(b - a for a, b in zip(new_qsl, new_qsl[1:]))),
+        max_seq_len=max(cm.max_seq_len, max(new_seq)),
+        block_table_tensor=cm.block_table_tensor.index_select(0, index.to(cm.block_table_tensor.device)),
+    )
+    for f in dataclasses.fields(cm):
+        if f.name in changes or f.name in V.TOKEN_LEVEL_ATTN_FIELDS:
+            continue
+        v = getattr(cm, f.name)
+        if f.name.startswith("_"):
+            changes[f.name] = None  # caches derived from the old layout
+        elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            changes[f.name] = v.index_select(0, index.to(v.device))
+        elif isinstance(v, np.ndarray) and v.ndim > 0 and v.shape[0] == n:
+            changes[f.name] = v[idx]
+        elif isinstance(v, dict) and v:
+            raise NotImplementedError(f"dgemma_vllm: cannot split attention metadata field {f.name}")
+    return dataclasses.replace(cm, **changes)
 
 
 class DGemmaRunnerMixin:
@@ -65,14 +116,19 @@ class DGemmaRunnerMixin:
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
+        self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step
         self.dg_applied = False
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
+        self.dg_ready: dict[str, list[int]] = {}  # requests whose next step commits (their ids)
+        self.dg_fused_ids: dict[str, torch.Tensor] = {}  # committed ids of this step's fused rows
+        self.dg_split: dict[int, int] = {}
         # noise of unseeded requests, drawn for all of them at once; the same on every rank
         self.dg_batch_gen = torch.Generator(device="cpu")
         self.dg_batch_gen.manual_seed(int(self.model_config.seed or 0) + 0x5EED)
 
     def dg_runner_stats(self) -> dict:
-        return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps}
+        return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps,
+                "fused_commits": self.dg_fused_commits}
 
     def dg_request_stats(self) -> dict[str, dict]:
         """Per-request refinement statistics (live and recently finished requests)."""
@@ -118,6 +174,8 @@ class DGemmaRunnerMixin:
         spec = scheduler_output.scheduled_spec_decode_tokens
         plan: list[tuple[str, str, int]] = []
         causal = np.ones(num_reqs, dtype=np.int32)
+        split: dict[int, int] = {}  # fused rows: row -> committed tokens ahead of the canvas
+        self.dg_fused_ids = {}
         for row in range(num_reqs):
             req_id = self.input_batch.req_ids[row]
             drafts = spec.get(req_id)
@@ -127,9 +185,26 @@ class DGemmaRunnerMixin:
             n = len(drafts)
             st = self._dg_state(req_id)
             start = int(self.input_batch.num_tokens_no_spec[row])
+            extra = self.requests[req_id].sampling_params.extra_args
+            if st.commit is not None and n > st.length:
+                # commit + the next canvas's first denoising step in one forward (the scheduler
+                # asked for both): the committed rows causal, the canvas after them bidirectional
+                nc = st.length
+                m = n - nc
+                if m != canvas_positions(extra, self.dg_canvas, self.max_model_len - start - nc):
+                    plan.append((req_id, IDLE, n))  # not what the scheduler should ask: roll back
+                    continue
+                committed = st.finish_commit()
+                self.dg_fused_ids[req_id] = committed
+                self.dg_fused_commits += 1
+                st.start_canvas(m)
+                ids = torch.cat([committed, st.canvas[0]])
+                plan.append((req_id, FUSED, m))
+                split[row] = nc
+                self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
+                continue
             want = st.length if st.canvas is not None else canvas_positions(
-                self.requests[req_id].sampling_params.extra_args, self.dg_canvas,
-                self.max_model_len - start)
+                extra, self.dg_canvas, self.max_model_len - start)
             if n != want:  # a partial canvas (token budget): compute nothing useful, roll back
                 plan.append((req_id, IDLE, n))
                 continue
@@ -151,9 +226,10 @@ class DGemmaRunnerMixin:
         qsl = self.query_start_loc.np[: num_reqs + 1]
         rows, softs = [], []  # softs: (soft embeddings or None on a canvas's first step, n)
         for row, (req_id, mode, n) in enumerate(plan):
-            if mode != DENOISE:
+            if mode not in (DENOISE, FUSED):
                 continue
-            rows.append(np.arange(qsl[row], qsl[row] + n))
+            first = qsl[row] + split.get(row, 0)  # a fused canvas sits after its committed rows
+            rows.append(np.arange(first, first + n))
             softs.append((self.dg_states[req_id].soft, n))
         device = logits_indices.device
         if rows:
@@ -169,7 +245,8 @@ class DGemmaRunnerMixin:
         self.dg_plan = plan
         self.dg_canvas_rows = canvas_rows
         self.dg_applied = False
-        self.dg_causal = torch.from_numpy(causal) if (causal == 0).any() else None
+        self.dg_causal = torch.from_numpy(causal) if ((causal == 0).any() or split) else None
+        self.dg_split = split
         self.dg_t0 = time.perf_counter()
         return canvas_rows, None, max_n
 
@@ -181,6 +258,7 @@ class DGemmaRunnerMixin:
         causal = self.dg_causal
         if causal is None:
             return super()._build_attention_metadata(*args, **kwargs)
+        split = self.dg_split
         patched = []
         for groups in self.attn_groups:
             for g in groups:
@@ -188,7 +266,8 @@ class DGemmaRunnerMixin:
 
                 def build(cm, *a, _orig=orig, **kw):
                     if cm.num_reqs == causal.shape[0]:
-                        cm = dataclasses.replace(cm, causal=causal.to(cm.query_start_loc.device))
+                        cm = split_fused(cm, causal, split) if split else dataclasses.replace(
+                            cm, causal=causal.to(cm.query_start_loc.device))
                     return _orig(cm, *a, **kw)
 
                 g.build_metadata = build
@@ -237,18 +316,23 @@ class DGemmaRunnerMixin:
     def _dg_entries(self, plan):
         entries, off = [], 0
         for row, (req_id, mode, n) in enumerate(plan):
-            if mode == DENOISE:
+            if mode in (DENOISE, FUSED):
                 entries.append((req_id, row, off, n))
                 off += n
         return entries
 
     def sample_tokens(self, grammar_output):
         """vLLM's; the argmax drafts of requests that stream them ride on the output
-        (``dgemma_drafts``: request id -> (token ids, step), read by the plugin's scheduler)."""
+        (``dgemma_drafts``: request id -> (token ids, step)), and the tokens of canvases ready to
+        commit (``dgemma_ready``: request id -> ids), both read by the plugin's scheduler."""
         out = super().sample_tokens(grammar_output)
         drafts, self.dg_drafts = self.dg_drafts, {}
-        if drafts and isinstance(out, V.ModelRunnerOutput) and out is not V.EMPTY_MODEL_RUNNER_OUTPUT:
-            out.dgemma_drafts = drafts
+        ready, self.dg_ready = self.dg_ready, {}
+        if isinstance(out, V.ModelRunnerOutput) and out is not V.EMPTY_MODEL_RUNNER_OUTPUT:
+            if drafts:
+                out.dgemma_drafts = drafts
+            if ready:
+                out.dgemma_ready = ready
         return out
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
@@ -300,6 +384,13 @@ class DGemmaRunnerMixin:
                 out[row] = st.finish_commit().tolist()
                 if self.dg_capture_dir and req_id in self.dg_capture:
                     self._dg_flush_capture(req_id)
+            elif mode == FUSED:
+                out[row] = self.dg_fused_ids.pop(req_id).tolist()
+                if self.dg_capture_dir and req_id in self.dg_capture:
+                    self._dg_flush_capture(req_id)
+            if mode in (DENOISE, FUSED) and self.dg_states[req_id].commit is not None:
+                # ready to commit: the scheduler decides whether the next step fuses it
+                self.dg_ready[req_id] = self.dg_states[req_id].commit.tolist()
         self.dg_steps += 1
         if self.dg_debug_steps:
             print(f"[dgemma] step {self.dg_steps} {time.perf_counter() - self.dg_t0:.4f}s "
@@ -315,7 +406,7 @@ class DGemmaRunnerMixin:
     def _dg_record(self, req_id, row, st, lg):
         sc = getattr(st, "_sc_logits", None) if st.steps_this_canvas > 0 else None
         self.dg_capture.setdefault(req_id, []).append({
-            "prefix_len": int(self.input_batch.num_tokens_no_spec[row]),
+            "prefix_len": int(self.input_batch.num_tokens_no_spec[row]) + self.dg_split.get(row, 0),
             "canvas": st.canvas[0].clone(),
             "sc_logits": None if sc is None else sc.clone(),
             "logits": lg.detach().float().cpu().clone(),

@@ -2,7 +2,9 @@
 
 Each engine step batches, across all running requests, prefill chunks (the causal encoder pass
 over the prompt) and one canvas forward per request that has finished its prefill: a denoising
-step or the commit pass, which the runner chooses. The canvas rides vLLM's speculative-token
+step or the commit pass, which the runner chooses; a commit is fused with the next canvas's first
+denoising step (one forward: ``n`` committed rows then ``m`` canvas rows) when the request goes on
+after it. The canvas rides vLLM's speculative-token
 path: ``n`` placeholder draft tokens reserve the KV slots right after the committed tokens; a
 denoising step returns no token, so the whole draft is rolled back (its K/V never count as
 committed); the commit step returns the ``n`` committed tokens, which vLLM appends one by one
@@ -14,7 +16,7 @@ free what vLLM allocated, and the runner drops its per-request state on finish.
 from __future__ import annotations
 
 from . import vllm_api as V
-from .config import canvas_length_of, canvas_positions
+from .config import canvas_length_of, canvas_positions, plugin_options
 from .metrics import RefinementMetrics
 
 PLACEHOLDER_ID = 0  # any valid id: the runner overwrites canvas ids before the forward
@@ -28,6 +30,9 @@ class DGemmaScheduler(V.Scheduler):
         self.num_sampled_tokens_per_step = 0
         self.canvas_length = canvas_length_of(self.vllm_config.model_config.hf_config)
         self.dg_metrics = RefinementMetrics()
+        self.dg_fuse = bool(plugin_options(self.vllm_config)["fuse_commit"])
+        # requests whose next canvas forward commits, with the tokens it commits (the runner's)
+        self.dg_ready: dict[str, list[int]] = {}
 
     def canvas_len_for(self, request) -> int:
         extra = request.sampling_params.extra_args if request.sampling_params else None
@@ -43,7 +48,14 @@ class DGemmaScheduler(V.Scheduler):
                 budget -= pending
                 req.spec_token_ids = []
                 continue
-            n = self.canvas_len_for(req)
+            ready = self.dg_ready.get(req.request_id)
+            if ready is None:
+                n = self.canvas_len_for(req)
+            else:  # the commit, fused with the next canvas's first step where that is exact
+                n = len(ready)
+                m = self._next_canvas(req, ready) if self.dg_fuse else 0
+                if m and n + m <= budget:
+                    n += m
             if n == 0 or n > budget:
                 req.spec_token_ids = []
                 continue
@@ -51,17 +63,42 @@ class DGemmaScheduler(V.Scheduler):
             budget -= n
         return super().schedule(*args, **kwargs)
 
+    def _next_canvas(self, req, ids: list[int]) -> int:
+        """Positions of the canvas that follows committing `ids`, or 0 when the request ends
+        there (max_tokens, EOS or a stop id among them, no room under max_model_len): then the
+        commit runs alone. Stop strings and repetition checks are not foreseen here; a request
+        they end wastes the fused canvas rows of that one step."""
+        sp = req.sampling_params
+        if req.num_output_tokens + len(ids) >= req.max_tokens:
+            return 0
+        stops = set(sp.stop_token_ids or ())  # as vLLM's check_stop
+        if sp.eos_token_id is not None:
+            stops.add(sp.eos_token_id)
+        if not stops.isdisjoint(ids):
+            return 0
+        room = self.max_model_len - (req.num_tokens + len(ids))
+        return canvas_positions(sp.extra_args, self.canvas_length, room)
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        idx = model_runner_output.req_id_to_index
+        sampled = model_runner_output.sampled_token_ids
+        canvases, fused = {}, set()
+        for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            i = idx.get(req_id)
+            if drafts and i is not None:
+                got = len(sampled[i]) if sampled else 0
+                canvases[req_id] = got
+                if got:
+                    self.dg_ready.pop(req_id, None)
+                    if got < len(drafts):
+                        fused.add(req_id)
+        self.dg_ready.update(getattr(model_runner_output, "dgemma_ready", None) or {})
         if self.log_stats:
-            idx = model_runner_output.req_id_to_index
-            sampled = model_runner_output.sampled_token_ids
-            canvases = {}
-            for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
-                i = idx.get(req_id)
-                if drafts and i is not None:
-                    canvases[req_id] = len(sampled[i]) if sampled else 0
-            self.dg_metrics.record_step(canvases)
+            self.dg_metrics.record_step(canvases, fused)
         out = super().update_from_output(scheduler_output, model_runner_output)
+        if scheduler_output.finished_req_ids or len(self.dg_ready) > len(self.running):
+            for req_id in [r for r in self.dg_ready if r not in self.requests]:
+                del self.dg_ready[req_id]
         if self.log_stats and scheduler_output.finished_req_ids:
             self.dg_metrics.forget(self.requests)
         drafts = getattr(model_runner_output, "dgemma_drafts", None)

@@ -14,6 +14,7 @@ def request_stats(llm) -> dict[str, dict]:
 
 def runner_stats(llm) -> dict:
     """Rank 0's runner counters: ``engine_steps`` (forwards that reached sampling) and
-    ``inner_steps`` (extra denoising forwards run inside an engine step)."""
+    ``inner_steps`` (extra denoising forwards run inside an engine step), ``fused_commits``
+    (commits run in one forward with the next canvas's first denoising step)."""
     per_worker = llm.collective_rpc("dgemma_runner_stats")
     return per_worker[0] if per_worker else {}

@@ -26,6 +26,11 @@ Facts the plugin relies on (file:line in vLLM 0.32.0):
   becomes ``dynamic_causal`` (:213); non-causal rows use a symmetric sliding window; the paged
   cache per layer is ``[blocks, kv_heads, block_size, 2*head_dim]`` with K stored transposed
   inside each block for the ``vec``/``vec16`` kernels (checked at start-up, see attention.py).
+- Fused commit (runner.split_fused): ``CommonAttentionMetadata`` (v1/attention/backend.py:387) is a
+  dataclass whose per-request fields have ``num_reqs`` rows and whose token-level fields are
+  listed in ``TOKEN_LEVEL_ATTN_FIELDS``; the K/V of every token of a layer are written to the
+  paged cache before that layer attends (``unified_kv_cache_update``), so rows later in the batch
+  read the K/V of rows earlier in it; two entries may share one block-table row.
 - Metrics (metrics.py): ``Scheduler.make_stats`` builds one ``SchedulerStats`` per step
   (v1/core/sched/scheduler.py:2915); it reaches the front end through msgspec with its declared
   fields only. ``SchedulerStats.waiting_lora_adapters`` (``dict[str, int]``, v1/metrics/stats.py:250)
@@ -86,6 +91,10 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
 from vllm.sampling_params import RequestOutputKind  # noqa: F401
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs  # noqa: F401
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SamplerOutput  # noqa: F401
+
+# per-token (not per-request) fields of CommonAttentionMetadata: left alone when one request is
+# split into two attention sequences
+TOKEN_LEVEL_ATTN_FIELDS = ("slot_mapping", "positions", "logits_indices_padded")
 
 # --- metrics ------------------------------------------------------------------------------
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase  # noqa: F401

@@ -71,8 +71,11 @@ class RowStats(NamedTuple):
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return torch.tanh(logits / softcap) * softcap
+    """``tanh(logits / softcap) * softcap`` in fp32, in place on the fresh matmul output (the
+    same operations and bits as the out-of-place form, one temporary instead of three)."""
+    logits = F.linear(hidden, weight)
+    logits = logits.float() if logits.dtype != torch.float32 else logits
+    return logits.div_(softcap).tanh_().mul_(softcap)
 
 
 @torch.no_grad()
@@ -190,8 +193,9 @@ class _Online:
     def __init__(self):
         self.m = self.s = self.u = self.acc = None
 
-    def add(self, z, e, mz, w=None):
-        s, d = e.sum(-1), (e * (z - mz[:, None])).sum(-1)
+    def add(self, zm, e, mz, w=None):
+        """One tile: ``zm`` = z - mz (its row max ``mz``), ``e`` = exp(zm), ``w`` its embedding rows."""
+        s, d = e.sum(-1), (e * zm).sum(-1)
         acc = (e.to(w.dtype) @ w).float() if w is not None else None
         if self.m is None:
             self.m, self.s, self.u, self.acc = mz, s, d, acc
@@ -221,6 +225,7 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         temperature = torch.where(greedy, 1.0, temperature)
     else:
         sampling = temperature != 0.0
+    keep_logits = sampling and (greedy is not None or temperature != 1.0)
     noise = uni = None
     if sampling and exact_noise:  # every rank draws the same full rows, in the reference's order
         noise = torch.empty(k, vs.vocab, dtype=torch.float32).exponential_(1, generator=gen)
@@ -238,15 +243,19 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
             continue
         w = vs.weight[c0:c1]
         logits = head_logits(h, w, softcap)
-        z = logits / sched_t
+        # the processed logits; in place when the sampling below does not need `logits` again
+        z = logits / sched_t if keep_logits else logits.div_(sched_t)
         mz, iz = z.max(-1)
-        e = torch.exp(z - mz[:, None])
+        zm = z - mz[:, None]
+        e = zm.exp()
         emb = vs.soft_weight[c0:c1] if want_soft else None
-        stats.add(z, e, mz, emb if soft_stats is None else None)
+        stats.add(zm, e, mz, emb if soft_stats is None else None)
+        del zm
         if soft_stats is not None:
             zc = z.to(emb_dtype).float()
             mc = zc.max(-1).values
-            soft_stats.add(zc, torch.exp(zc - mc[:, None]), mc, emb)
+            zc.sub_(mc[:, None])
+            soft_stats.add(zc, zc.exp(), mc, emb)
         best_v, best_i = _keep_max(best_v, best_i, mz, iz + (vs.start + c0))
         if not sampling:
             continue

@@ -1,0 +1,104 @@
+"""Issue 8, item 2: the commit of canvas k and the first denoising step of canvas k+1 run in one
+forward (``dgemma_fuse_commit``, on by default), and that changes no token.
+
+One batch of seeded requests, all submitted together (so fused, plain-commit, denoising and
+prefill rows share engine steps), runs on an engine with fusion off and on the default engine;
+every request's tokens must be equal, the fused engine must have fused commits and run fewer
+forwards, and requests the reference can express must equal the ``transformers`` reference.
+The batch covers: several canvases with the last one cut by max_tokens, an exact multiple of the
+canvas, EOS allowed, a per-request canvas length, a last canvas shortened by max_model_len,
+adaptive stopping, greedy sampling, one denoising step per canvas (the fused step itself is the
+canvas's last), and a request with several denoising steps per engine step disabled by fusion
+rows (step groups only run on pure denoising batches).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import start_llm, stop_llm
+
+MAX_LEN = 1024
+
+
+def _requests():
+    from vllm import SamplingParams
+
+    # stopping off in practice (mean entropies of random weights are far above 1e-9), in a form
+    # the reference accepts too (its confidence threshold must be > 0)
+    off = {"diffusion_stability_threshold": 0, "diffusion_confidence_threshold": 1e-9}
+    spec = [  # (prompt length, SamplingParams kwargs, extra_args)
+        (5, dict(max_tokens=40, ignore_eos=True), {"diffusion_max_steps": 3, **off}),
+        (9, dict(max_tokens=64, ignore_eos=True), {"diffusion_max_steps": 2, **off}),
+        (12, dict(max_tokens=80), {"diffusion_max_steps": 4}),
+        (7, dict(max_tokens=50, ignore_eos=True), {"diffusion_max_steps": 3, "diffusion_canvas_length": 8, **off}),
+        (MAX_LEN - 40, dict(max_tokens=100, ignore_eos=True), {"diffusion_max_steps": 2, **off}),
+        (20, dict(max_tokens=72, ignore_eos=True), {"diffusion_max_steps": 8}),
+        (6, dict(max_tokens=48, ignore_eos=True, temperature=0.0), {"diffusion_max_steps": 3, **off}),
+        (15, dict(max_tokens=48, ignore_eos=True), {"diffusion_max_steps": 1}),
+    ]
+    prompts, params = [], []
+    for i, (n, kw, extra) in enumerate(spec):
+        prompts.append({"prompt_token_ids": [(31 * i + 7 * j) % 480 + 10 for j in range(n)]})
+        params.append(SamplingParams(seed=500 + i, extra_args=extra, **kw))
+    return prompts, params
+
+
+def _run(path, **overrides):
+    from dgemma_vllm.engine.stats import runner_stats
+
+    llm = start_llm(path, max_model_len=MAX_LEN, hf_overrides=overrides or None)
+    try:
+        prompts, params = _requests()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], runner_stats(llm)
+    finally:
+        stop_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_ckpt):
+    unfused = _run(tiny_ckpt, dgemma_fuse_commit=False)
+    fused = _run(tiny_ckpt)
+    return unfused, fused
+
+
+def test_fused_tokens_equal_unfused(runs):
+    (plain, plain_stats), (fused, fused_stats) = runs
+    prompts, params = _requests()
+    for i, (a, b) in enumerate(zip(plain, fused)):
+        assert a == b, f"request {i}: fused and unfused tokens differ"
+    # the batch really exercised both paths
+    assert plain_stats["fused_commits"] == 0
+    assert fused_stats["fused_commits"] >= 10, fused_stats
+    assert fused_stats["engine_steps"] < plain_stats["engine_steps"], (plain_stats, fused_stats)
+    # lengths as asked (ignore_eos requests): the max_model_len-capped one stops at the end
+    for (p, sp, toks) in zip(prompts, params, fused):
+        if sp.ignore_eos:
+            room = MAX_LEN - len(p["prompt_token_ids"])
+            assert len(toks) == min(sp.max_tokens, room)
+
+
+def test_fused_tokens_equal_reference(runs, tiny_ckpt):
+    """Requests the reference expresses (served canvas length, room under max_model_len) equal
+    ``transformers``' generate with the same seed: fusion is exact, not just self-consistent."""
+    from dgemma_vllm import reference as ref
+    from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+
+    model = ref.load_reference(str(tiny_ckpt))
+    (_, _), (fused, _) = runs
+    prompts, params = _requests()
+    checked = 0
+    for p, sp, toks in zip(prompts, params, fused):
+        extra = sp.extra_args
+        if "diffusion_canvas_length" in extra or len(p["prompt_token_ids"]) + sp.max_tokens > MAX_LEN:
+            continue
+        if extra.get("diffusion_stability_threshold") != 0 or sp.temperature != 1.0:
+            continue  # stopping thresholds / temperature: covered by tests/test_parity.py
+        eos = () if sp.ignore_eos else (EOS_ID, EOT_ID)
+        want = ref.expected_tokens(model, p["prompt_token_ids"], sp.seed, sp.max_tokens, eos,
+                                   max_denoising_steps=extra["diffusion_max_steps"],
+                                   stability_threshold=0, confidence_threshold=1e-9)
+        assert toks == want
+        checked += 1
+    assert checked >= 2
