@@ -4,12 +4,13 @@ steps per engine step. One run, one machine, each configuration in its own proce
     .venv/bin/python benchmarks/engine_options.py [--geometry medium] [--steps 4] [--canvases 2]
         [--concurrency 1] [--configs mp1,mp2,ray2,mp1+tile=4096,mp1+group=4]
 
-A configuration is ``<mp|ray><ranks>`` plus ``+tile=N`` (``dgemma_head_tile``) and/or
-``+group=K`` (``dgemma_steps_per_engine_step``). Each one: start an engine (timed), one warm-up
+A configuration is ``<mp|ray><ranks>`` plus ``+tile=N`` (``dgemma_head_tile``), ``+group=K``
+(``dgemma_steps_per_engine_step``) and/or ``+fuse=0|1`` (``dgemma_fuse_commit``). Each one: start an engine (timed), one warm-up
 request, then `concurrency` requests of `canvases` full canvases with exactly `steps` denoising
-steps each (stopping off), timed. Reported: engine start, time per canvas forward (generate time
-over canvases x (steps + 1 commit) per request), tokens/s, ratios to the first configuration, and
-how many seeded tokens equal the first configuration's. On CPU each rank gets one core
+steps each (stopping off), timed. Reported: engine start, time per forward (generate time over
+the forwards the runner counted: prefill, denoising steps, commits, a fused commit + first step
+once), tokens/s, ratios to the first configuration, and how many seeded tokens equal the first
+configuration's. On CPU each rank gets one core
 (`VLLM_CPU_OMP_THREADS_BIND`); a one-rank engine gets both.
 """
 
@@ -39,6 +40,8 @@ def _child(cfg: dict) -> None:
         overrides["dgemma_head_tile"] = cfg["tile"]
     if cfg.get("group"):
         overrides["dgemma_steps_per_engine_step"] = cfg["group"]
+    if "fuse" in cfg:
+        overrides["dgemma_fuse_commit"] = bool(cfg["fuse"])
     t0 = time.perf_counter()
     llm = LLM(str(ckpt), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
               max_model_len=1024, seed=0, tensor_parallel_size=cfg["tp"],
@@ -54,10 +57,15 @@ def _child(cfg: dict) -> None:
     params = [SamplingParams(max_tokens=canvas * cfg["canvases"], ignore_eos=True,
                              seed=None if cfg["unseeded"] else 2 + i, extra_args=xargs)
               for i in range(len(prompts))]
+    from dgemma_vllm.engine.stats import runner_stats
+
+    before = runner_stats(llm)
     t0 = time.perf_counter()
     out = llm.generate(prompts, params, use_tqdm=False)
     gen = time.perf_counter() - t0
-    forwards = cfg["canvases"] * (cfg["steps"] + 1)
+    after = runner_stats(llm)
+    # forwards the runner ran (prefill, denoising steps, commits; fused ones count once)
+    forwards = sum(after[k] - before[k] for k in ("engine_steps", "inner_steps"))
     tokens = [t for o in out for t in o.outputs[0].token_ids]
     print("RESULT " + json.dumps({**cfg, "start_s": start, "generate_s": gen,
                                   "forward_s": gen / forwards, "tok_s": len(tokens) / gen,
@@ -108,7 +116,7 @@ def main() -> None:
     base = rows[0]
     print(f"\n{a.geometry}, {a.steps} steps, {a.canvases} canvases per request, concurrency "
           f"{a.concurrency}, {'unseeded' if a.unseeded else 'seeded'}\n")
-    print(f"| config | engine start (s) | time per canvas forward (s) | tokens/s | tokens/s / {base['spec']} "
+    print(f"| config | engine start (s) | time per forward (s) | tokens/s | tokens/s / {base['spec']} "
           f"| seeded tokens equal to {base['spec']} |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -6,9 +6,9 @@ Plugin options travel on the HF config (so every process sees them) and are set 
 
 - ``dgemma_canvas_window``: ``"reference"`` (default; transformers eager/sdpa semantics for
   sliding layers in canvas mode) or ``"symmetric"`` (``|q-k| <= W-1``, as flash attention).
-- ``dgemma_head_tile``: vocabulary columns per tile of the canvas head (default 32768; see
-  ``dgemma_vllm/refine/head.py``): the head's temporaries are bounded by it, whatever the number
-  of requests.
+- ``dgemma_head_tile``: vocabulary columns per tile of the canvas head (default 4096 on CPU,
+  32768 on GPU; see ``dgemma_vllm/refine/head.py``): the head's temporaries are bounded by it,
+  whatever the number of requests.
 - ``dgemma_steps_per_engine_step``: denoising steps run inside one engine step when the batch holds
   only denoising canvases (default 1; 1-16). Requests cannot join or leave inside such a group;
   it saves vLLM's per-step scheduling and process hand-off. Token-exact with 1.
@@ -26,8 +26,20 @@ from . import vllm_api as V
 logger = logging.getLogger("dgemma_vllm")
 
 ARCH = "DiffusionGemmaForBlockDiffusion"
-OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": 32768,
+# dgemma_head_tile None: by device (HEAD_TILE_DEFAULTS)
+OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": None,
                    "dgemma_steps_per_engine_step": 1, "dgemma_fuse_commit": True}
+
+
+# Measured (benchmarks/RESULTS.md): on CPU [rows, 4096] fp32 temporaries stay in cache and a
+# medium-geometry canvas forward is 1.41x faster than with one 32768-column tile; GPUs prefer
+# few large tiles.
+HEAD_TILE_DEFAULTS = {"cpu": 4096, "gpu": 32768}
+
+
+def head_tile(options: dict, device_type: str) -> int:
+    tile = options["head_tile"]
+    return int(tile) if tile is not None else HEAD_TILE_DEFAULTS["cpu" if device_type == "cpu" else "gpu"]
 
 
 def plugin_options(vllm_config) -> dict:
@@ -45,6 +57,8 @@ def validate_options(hf) -> None:
         raise ValueError(f"dgemma_fuse_commit must be true or false, got {fuse!r}")
     for name, hi in (("dgemma_head_tile", 1 << 24), ("dgemma_steps_per_engine_step", 16)):
         v = getattr(hf, name, OPTION_DEFAULTS[name])
+        if v is None and name == "dgemma_head_tile":
+            continue
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
             raise ValueError(f"{name} must be an integer in [1, {hi}], got {v!r}")
 

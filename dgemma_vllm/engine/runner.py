@@ -32,7 +32,7 @@ from dgemma_vllm.refine.params import (from_generation_config, parse_request_kno
 from dgemma_vllm.refine.sampler import CanvasState, temperature
 
 from . import vllm_api as V
-from .config import canvas_length_of, canvas_positions, plugin_options
+from .config import canvas_length_of, canvas_positions, head_tile, plugin_options
 
 logger = logging.getLogger("dgemma_vllm")
 
@@ -112,7 +112,7 @@ class DGemmaRunnerMixin:
         self.dg_capture: dict[str, list] = {}
         self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
         opts = plugin_options(self.vllm_config)
-        self.dg_head_tile = int(opts["head_tile"])
+        self.dg_head_tile = head_tile(opts, torch.device(self.device).type)
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
