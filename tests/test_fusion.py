@@ -1,5 +1,6 @@
 """Issue 8, item 2: the commit of canvas k and the first denoising step of canvas k+1 run in one
-forward (``dgemma_fuse_commit``, on by default), and that changes no token.
+forward, and the commit that ends a request runs as one row (``dgemma_fuse_commit``, on by
+default); neither changes a token.
 
 One batch of seeded requests, all submitted together (so fused, plain-commit, denoising and
 prefill rows share engine steps), runs on an engine with fusion off and on the default engine;
@@ -69,8 +70,9 @@ def test_fused_tokens_equal_unfused(runs):
     for i, (a, b) in enumerate(zip(plain, fused)):
         assert a == b, f"request {i}: fused and unfused tokens differ"
     # the batch really exercised both paths
-    assert plain_stats["fused_commits"] == 0
+    assert plain_stats["fused_commits"] == 0 and plain_stats["last_commits"] == 0
     assert fused_stats["fused_commits"] >= 10, fused_stats
+    assert fused_stats["last_commits"] == len(prompts), fused_stats  # every request ends so
     assert fused_stats["engine_steps"] < plain_stats["engine_steps"], (plain_stats, fused_stats)
     # lengths as asked (ignore_eos requests): the max_model_len-capped one stops at the end
     for (p, sp, toks) in zip(prompts, params, fused):

@@ -38,6 +38,7 @@ logger = logging.getLogger("dgemma_vllm")
 
 PREFILL, DENOISE, COMMIT, IDLE = "prefill", "denoise", "commit", "idle"
 FUSED = "fused"  # a commit and the first denoising step of the next canvas, in one forward
+LAST = "last"  # the commit that ends the request: one row computed, all its tokens returned
 
 
 def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
@@ -117,6 +118,7 @@ class DGemmaRunnerMixin:
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step
+        self.dg_last_commits = 0  # commits that ended their request, run as one row
         self.dg_applied = False
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
         self.dg_ready: dict[str, list[int]] = {}  # requests whose next step commits (their ids)
@@ -128,7 +130,7 @@ class DGemmaRunnerMixin:
 
     def dg_runner_stats(self) -> dict:
         return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps,
-                "fused_commits": self.dg_fused_commits}
+                "fused_commits": self.dg_fused_commits, "last_commits": self.dg_last_commits}
 
     def dg_request_stats(self) -> dict[str, dict]:
         """Per-request refinement statistics (live and recently finished requests)."""
@@ -202,6 +204,13 @@ class DGemmaRunnerMixin:
                 plan.append((req_id, FUSED, m))
                 split[row] = nc
                 self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
+                continue
+            if st.commit is not None and n == 1 and st.length > 1:
+                # the commit that ends the request (the scheduler knows): one row, causal, at
+                # the first committed position; _sample returns all the committed tokens
+                plan.append((req_id, LAST, 1))
+                self.dg_last_commits += 1
+                self.input_batch.token_ids_cpu[row, start] = int(st.commit[0])
                 continue
             want = st.length if st.canvas is not None else canvas_positions(
                 extra, self.dg_canvas, self.max_model_len - start)
@@ -379,7 +388,7 @@ class DGemmaRunnerMixin:
         if not applied:
             self._dg_denoise_all(self._dg_entries(plan), logits)
         for row, (req_id, mode, n) in enumerate(plan):
-            if mode == COMMIT:
+            if mode in (COMMIT, LAST):
                 st = self.dg_states[req_id]
                 out[row] = st.finish_commit().tolist()
                 if self.dg_capture_dir and req_id in self.dg_capture:

@@ -2,15 +2,20 @@
 
 Each engine step batches, across all running requests, prefill chunks (the causal encoder pass
 over the prompt) and one canvas forward per request that has finished its prefill: a denoising
-step or the commit pass, which the runner chooses; a commit is fused with the next canvas's first
-denoising step (one forward: ``n`` committed rows then ``m`` canvas rows) when the request goes on
-after it. The canvas rides vLLM's speculative-token
+step or the commit pass, which the runner chooses. The canvas rides vLLM's speculative-token
 path: ``n`` placeholder draft tokens reserve the KV slots right after the committed tokens; a
 denoising step returns no token, so the whole draft is rolled back (its K/V never count as
 committed); the commit step returns the ``n`` committed tokens, which vLLM appends one by one
 through ``check_stop`` (EOS, stop ids, ``max_tokens`` and ``max_model_len`` cut inside the
 canvas). Requests join and leave between steps (continuous batching); preemption and abort
 free what vLLM allocated, and the runner drops its per-request state on finish.
+
+Commits share forwards (``dgemma_fuse_commit``, default on): the runner reports which requests
+commit next, with their tokens. When the request goes on after them, the commit and the next
+canvas's first denoising step run in one forward (``n + m`` drafts: ``n`` committed rows, then the
+``m``-row canvas, which is rolled back as usual). When the tokens end the request, their K/V
+would never be read: one draft is scheduled, the runner returns the ``n`` tokens (vLLM then
+counts ``n`` computed tokens) and ``check_stop`` ends the request inside them.
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ class DGemmaScheduler(V.Scheduler):
             else:  # the commit, fused with the next canvas's first step where that is exact
                 n = len(ready)
                 m = self._next_canvas(req, ready) if self.dg_fuse else 0
-                if m and n + m <= budget:
+                if self.dg_fuse and m == 0:
+                    n = 1  # the request ends with these tokens: their K/V are never read
+                elif m and n + m <= budget:
                     n += m
             if n == 0 or n > budget:
                 req.spec_token_ids = []
@@ -65,9 +72,10 @@ class DGemmaScheduler(V.Scheduler):
 
     def _next_canvas(self, req, ids: list[int]) -> int:
         """Positions of the canvas that follows committing `ids`, or 0 when the request ends
-        there (max_tokens, EOS or a stop id among them, no room under max_model_len): then the
-        commit runs alone. Stop strings and repetition checks are not foreseen here; a request
-        they end wastes the fused canvas rows of that one step."""
+        there, by the rules of vLLM's ``check_stop`` (max_tokens reached, EOS or a stop id among
+        them, no room under max_model_len): then the runner returns the tokens from a one-row
+        step. Stop strings and repetition checks are not foreseen here; a request they end
+        wastes the fused canvas rows of that one step."""
         sp = req.sampling_params
         if req.num_output_tokens + len(ids) >= req.max_tokens:
             return 0
