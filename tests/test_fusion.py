@@ -15,6 +15,8 @@ rows (step groups only run on pure denoising batches).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from conftest import start_llm, stop_llm
@@ -104,3 +106,41 @@ def test_fused_tokens_equal_reference(runs, tiny_ckpt):
         assert toks == want
         checked += 1
     assert checked >= 2
+
+
+def test_split_fused_attention_metadata():
+    """The metadata of a fused request is two sequences over its block-table row: committed rows
+    (causal, context up to them) then canvas rows (bidirectional, context up to the canvas end);
+    other requests and the token-level fields are untouched; per-request fields follow."""
+    import numpy as np
+    import torch
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from dgemma_vllm.engine.runner import split_fused
+
+    # request 0: prefill of 5; request 1: 6 committed + 4 canvas after 30 tokens; request 2: a
+    # 4-row canvas after 50 tokens
+    qsl = torch.tensor([0, 5, 15, 19], dtype=torch.int32)
+    seq = torch.tensor([5, 40, 54], dtype=torch.int32)
+    bt = torch.arange(3 * 4, dtype=torch.int32).view(3, 4)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq, num_reqs=3,
+        num_actual_tokens=19, max_query_len=10, max_seq_len=54, block_table_tensor=bt,
+        slot_mapping=torch.arange(19), causal=True, is_prefilling=torch.tensor([True, False, False]),
+        req_idx=np.array([0, 1, 2]))
+    causal = torch.tensor([1, 0, 0], dtype=torch.int32)  # the runner's flags: fused rows say 0
+    out = split_fused(cm, causal, {1: 6})
+    assert out.num_reqs == 4
+    assert out.query_start_loc_cpu.tolist() == [0, 5, 11, 15, 19]
+    assert out.query_start_loc.tolist() == [0, 5, 11, 15, 19]
+    assert out.seq_lens.tolist() == [5, 36, 40, 54]
+    assert out.causal.tolist() == [1, 1, 0, 0]
+    assert out.max_query_len == 6 and out.max_seq_len == 54
+    assert torch.equal(out.block_table_tensor, bt[[0, 1, 1, 2]])
+    assert out.is_prefilling.tolist() == [True, False, False, False]
+    assert out.req_idx.tolist() == [0, 1, 1, 2]
+    assert torch.equal(out.slot_mapping, cm.slot_mapping) and out.num_actual_tokens == 19
+    # a per-request field the split cannot map is refused, not silently carried over
+    bad = dataclasses.replace(cm, mm_req_doc_ranges={0: [(0, 2)]})
+    with pytest.raises(NotImplementedError, match="mm_req_doc_ranges"):
+        split_fused(bad, causal, {1: 6})
