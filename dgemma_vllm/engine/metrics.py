@@ -61,8 +61,8 @@ class RefinementMetrics:
         if not canvases:
             return
         self._observe("refinement_batch_size", len(canvases) + len(fused))
-        for req_id in fused:
-            self._inc("fused_commits")
+        if fused:
+            self._inc("fused_commits", len(fused))
         for req_id, got in canvases.items():
             if got == 0:
                 self.steps[req_id] = self.steps.get(req_id, 0) + 1

@@ -389,14 +389,11 @@ class DGemmaRunnerMixin:
             self._dg_denoise_all(self._dg_entries(plan), logits)
         for row, (req_id, mode, n) in enumerate(plan):
             if mode in (COMMIT, LAST):
-                st = self.dg_states[req_id]
-                out[row] = st.finish_commit().tolist()
-                if self.dg_capture_dir and req_id in self.dg_capture:
-                    self._dg_flush_capture(req_id)
-            elif mode == FUSED:
+                out[row] = self.dg_states[req_id].finish_commit().tolist()
+            elif mode == FUSED:  # committed in _prepare_inputs, before the new canvas started
                 out[row] = self.dg_fused_ids.pop(req_id).tolist()
-                if self.dg_capture_dir and req_id in self.dg_capture:
-                    self._dg_flush_capture(req_id)
+            if out[row] and self.dg_capture_dir and req_id in self.dg_capture:
+                self._dg_flush_capture(req_id)
             if mode in (DENOISE, FUSED) and self.dg_states[req_id].commit is not None:
                 # ready to commit: the scheduler decides whether the next step fuses it
                 self.dg_ready[req_id] = self.dg_states[req_id].commit.tolist()

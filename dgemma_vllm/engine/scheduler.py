@@ -58,11 +58,12 @@ class DGemmaScheduler(V.Scheduler):
                 n = self.canvas_len_for(req)
             else:  # the commit, fused with the next canvas's first step where that is exact
                 n = len(ready)
-                m = self._next_canvas(req, ready) if self.dg_fuse else 0
-                if self.dg_fuse and m == 0:
-                    n = 1  # the request ends with these tokens: their K/V are never read
-                elif m and n + m <= budget:
-                    n += m
+                if self.dg_fuse:
+                    m = self._next_canvas(req, ready)
+                    if m == 0:
+                        n = 1  # the request ends with these tokens: their K/V are never read
+                    elif n + m <= budget:
+                        n += m
             if n == 0 or n > budget:
                 req.spec_token_ids = []
                 continue
@@ -104,11 +105,11 @@ class DGemmaScheduler(V.Scheduler):
         if self.log_stats:
             self.dg_metrics.record_step(canvases, fused)
         out = super().update_from_output(scheduler_output, model_runner_output)
-        if scheduler_output.finished_req_ids or len(self.dg_ready) > len(self.running):
+        if scheduler_output.finished_req_ids:  # finished or aborted (ready ones: aborted)
             for req_id in [r for r in self.dg_ready if r not in self.requests]:
                 del self.dg_ready[req_id]
-        if self.log_stats and scheduler_output.finished_req_ids:
-            self.dg_metrics.forget(self.requests)
+            if self.log_stats:
+                self.dg_metrics.forget(self.requests)
         drafts = getattr(model_runner_output, "dgemma_drafts", None)
         if drafts:
             self._emit_drafts(drafts, out)
