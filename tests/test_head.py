@@ -307,6 +307,32 @@ def test_batched_head_matches_per_request_head(tile):
 
 
 @pytest.mark.parametrize("tile", [V, 128])
+def test_per_row_unit_temperatures_draw_as_the_scalar_temperature(tile):
+    """Per-row temperatures that are all 1 (greedy rows aside) take the scalar path's draw: the
+    same uniforms, the same sampled tokens as a one-request pass at temperature 1.0; greedy rows
+    still get their argmax, and a row at another temperature changes the draw."""
+    w, hidden = _weights(3)
+    vs = VocabSlice(weight=w, start=0, size=V, vocab=V)
+    sched = torch.full((N,), 0.6)
+
+    def batched(temps):
+        return canvas_head(hidden, vs, softcap=CAP, sched_t=sched, temperature=temps,
+                           generator=torch.Generator().manual_seed(5), exact_noise=False,
+                           want_soft=True, emb_dtype=torch.float32, tile=tile)
+
+    temps = torch.cat([torch.ones(16), torch.zeros(N - 16)])
+    b = batched(temps)
+    one, _ = _head(hidden[:16], vs, seed=5, tile=tile, temperature=1.0, exact=False, sched=0.6)
+    assert torch.equal(b.denoiser[:16], one.denoiser)
+    assert not torch.equal(one.denoiser, one.argmax)  # it did sample
+    assert torch.equal(b.denoiser[16:], b.argmax[16:])
+    torch.testing.assert_close(b.soft[:16], one.soft, rtol=1e-5, atol=1e-6)
+    temps[0] = 0.5  # one row at another temperature: the general per-row path, whose other
+    c = batched(temps)  # rows (logits / (sched * 1)) draw what the scalar path drew
+    assert torch.equal(c.denoiser[1:], b.denoiser[1:]) and torch.equal(c.argmax, b.argmax)
+
+
+@pytest.mark.parametrize("tile", [V, 128])
 def test_untied_head_uses_its_own_weight_and_embeds_with_the_embedding(tile):
     """With tie_word_embeddings=False the logits come from the head and the self-conditioning soft
     embeddings from the input embedding (reference semantics)."""

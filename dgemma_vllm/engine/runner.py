@@ -296,6 +296,8 @@ class DGemmaRunnerMixin:
         model = self._dg_model()
         if self.dg_vocab_slice is None:
             self.dg_vocab_slice = model.vocab_slice()
+            if torch.device(self.device).type == "cpu":  # the tiles' GEMM pre-packed, as vLLM's linears
+                self.dg_vocab_slice.tile_matmul = V.cpu_head_tile_matmul(self.dg_vocab_slice.weight)
         vs = self.dg_vocab_slice
         kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
                   normalizer=model.model.normalizer, tile=self.dg_head_tile)

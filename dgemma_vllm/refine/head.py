@@ -57,6 +57,9 @@ class VocabSlice:
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # t -> [ranks, *t.shape]
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce (sum)
     embed: torch.Tensor | None = None  # input embedding rows for soft embeddings, if not tied
+    # the engine's GEMM for the logits of one vocabulary tile: (hidden, c0, c1) -> hidden @
+    # weight[c0:c1].T (e.g. a kernel with the tile's weight pre-packed); default F.linear
+    tile_matmul: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
 
     @property
     def soft_weight(self) -> torch.Tensor:
@@ -70,10 +73,12 @@ class RowStats(NamedTuple):
     soft: torch.Tensor | None  # [n, hidden] softmax(processed) @ E (without the sqrt(H) scale)
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float,
+                logits: torch.Tensor | None = None) -> torch.Tensor:
     """``tanh(logits / softcap) * softcap`` in fp32, in place on the fresh matmul output (the
-    same operations and bits as the out-of-place form, one temporary instead of three)."""
-    logits = F.linear(hidden, weight)
+    same operations and bits as the out-of-place form, one temporary instead of three);
+    ``logits``: the matmul already done by the caller."""
+    logits = F.linear(hidden, weight) if logits is None else logits
     logits = logits.float() if logits.dtype != torch.float32 else logits
     return logits.div_(softcap).tanh_().mul_(softcap)
 
@@ -159,7 +164,8 @@ def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
     probs = None
     if isinstance(temperature, torch.Tensor):  # several unseeded requests: per-row temperature
         greedy = temperature == 0
-        scaled = logits / (sched_t * torch.where(greedy, 1.0, temperature))
+        t = torch.where(greedy, 1.0, temperature)
+        scaled = processed if bool((t == 1.0).all()) else logits / (sched_t * t)
         drawn = sample_inverse_cdf(torch.softmax(scaled, dim=-1, dtype=torch.float32), gen)
         denoiser = torch.where(greedy[:, 0], processed.argmax(-1), drawn)
     elif temperature == 0.0:
@@ -223,9 +229,11 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         greedy = temperature == 0
         sampling = not bool(greedy.all())
         temperature = torch.where(greedy, 1.0, temperature)
+        if bool((temperature == 1.0).all()):  # the common case: sample from `z` itself (the
+            temperature = 1.0  # same values as logits / (sched_t * 1), four passes fewer a tile)
     else:
         sampling = temperature != 0.0
-    keep_logits = sampling and (greedy is not None or temperature != 1.0)
+    keep_logits = sampling and (isinstance(temperature, torch.Tensor) or temperature != 1.0)
     noise = uni = None
     if sampling and exact_noise:  # every rank draws the same full rows, in the reference's order
         noise = torch.empty(k, vs.vocab, dtype=torch.float32).exponential_(1, generator=gen)
@@ -242,7 +250,8 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         if c0 >= c1:
             continue
         w = vs.weight[c0:c1]
-        logits = head_logits(h, w, softcap)
+        logits = head_logits(h, w, softcap,
+                             vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None else None)
         # the processed logits; in place when the sampling below does not need `logits` again
         z = logits / sched_t if keep_logits else logits.div_(sched_t)
         mz, iz = z.max(-1)
