@@ -35,6 +35,14 @@ OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": None
 # medium-geometry canvas forward is 1.41x faster than with one 32768-column tile; GPUs prefer
 # few large tiles.
 HEAD_TILE_DEFAULTS = {"cpu": 4096, "gpu": 32768}
+# Elements of one [rows, columns] head temporary (rows are taken in chunks of budget // tile). On
+# CPU 1 << 20 (256 rows of a 4096-column tile, 4 MiB in fp32): larger chunks spill the few
+# temporaries of a tile out of the last-level cache when many canvases are batched.
+HEAD_BUDGET_DEFAULTS = {"cpu": 1 << 20, "gpu": 1 << 22}
+
+
+def head_budget(device_type: str) -> int:
+    return HEAD_BUDGET_DEFAULTS["cpu" if device_type == "cpu" else "gpu"]
 
 
 def head_tile(options: dict, device_type: str) -> int:

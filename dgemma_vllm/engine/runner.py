@@ -32,7 +32,7 @@ from dgemma_vllm.refine.params import (from_generation_config, parse_request_kno
 from dgemma_vllm.refine.sampler import CanvasState, temperature
 
 from . import vllm_api as V
-from .config import canvas_length_of, canvas_positions, head_tile, plugin_options
+from .config import canvas_length_of, canvas_positions, head_budget, head_tile, plugin_options
 
 logger = logging.getLogger("dgemma_vllm")
 
@@ -114,6 +114,7 @@ class DGemmaRunnerMixin:
         self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
         opts = plugin_options(self.vllm_config)
         self.dg_head_tile = head_tile(opts, torch.device(self.device).type)
+        self.dg_head_budget = head_budget(torch.device(self.device).type)
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
@@ -300,7 +301,7 @@ class DGemmaRunnerMixin:
                 self.dg_vocab_slice.tile_matmul = V.cpu_head_tile_matmul(self.dg_vocab_slice.weight)
         vs = self.dg_vocab_slice
         kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
-                  normalizer=model.model.normalizer, tile=self.dg_head_tile)
+                  normalizer=model.model.normalizer, tile=self.dg_head_tile, budget=self.dg_head_budget)
         batch = []
         for req_id, row, off, n in entries:
             st = self.dg_states[req_id]
