@@ -301,7 +301,7 @@ class DGemmaRunnerMixin:
                 self.dg_vocab_slice.tile_matmul = V.cpu_head_tile_matmul(self.dg_vocab_slice.weight)
         vs = self.dg_vocab_slice
         kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
-                  normalizer=model.model.normalizer, tile=self.dg_head_tile, budget=self.dg_head_budget)
+                  normalizer=model.model.normalizer, tile=self.dg_head_tile)
         batch = []
         for req_id, row, off, n in entries:
             st = self.dg_states[req_id]
@@ -319,7 +319,8 @@ class DGemmaRunnerMixin:
         if batch:
             states = [st for st, _ in batch]
             rows = torch.cat([r for _, r in batch]) if len(batch) > 1 else batch[0][1]
-            denoise_batch(states, rows, vs, generator=self.dg_batch_gen, **kw)
+            denoise_batch(states, rows, vs, generator=self.dg_batch_gen, budget=self.dg_head_budget,
+                          **kw)
         for req_id, _, _, _ in entries:
             st = self.dg_states[req_id]
             if st.knobs.stream_drafts and st.commit is None:  # the next step commits this argmax
