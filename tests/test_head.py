@@ -344,3 +344,21 @@ def test_untied_head_uses_its_own_weight_and_embeds_with_the_embedding(tile):
     assert torch.equal(got.denoiser, den) and torch.equal(got.argmax, am)
     want_soft = torch.softmax(head_logits(hidden, w, CAP) / 0.7, -1) @ emb
     torch.testing.assert_close(got.soft, want_soft, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_tile_matmul_is_each_tiles_product():
+    """The engine's CPU tile GEMM (vLLM's CPU GEMM dispatch, weights pre-packed per tile) gives
+    hidden @ weight[c0:c1].T for every tile, the last one narrower, within fp32 rounding; and the
+    tiled head run with it keeps the untiled argmax."""
+    from dgemma_vllm.engine import vllm_api
+
+    w, hidden = _weights(4)
+    mm = vllm_api.cpu_head_tile_matmul(w)
+    for c0, c1 in [(0, 128), (128, 256), (896, V)]:
+        torch.testing.assert_close(mm(hidden, c0, c1), hidden @ w[c0:c1].T, rtol=1e-5, atol=1e-5)
+    vs = VocabSlice(weight=w, start=0, size=V, vocab=V, tile_matmul=mm)
+    out, _ = _head(hidden, vs, seed=0, tile=128, temperature=0.0)
+    _, am, ent, soft, _ = _reference(hidden, w, seed=0)
+    assert torch.equal(out.argmax, am) and torch.equal(out.denoiser, am)
+    torch.testing.assert_close(out.entropy, ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.soft, soft, rtol=1e-5, atol=1e-5)

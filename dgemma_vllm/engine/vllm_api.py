@@ -50,6 +50,9 @@ Facts the plugin relies on (file:line in vLLM 0.32.0):
   streaming generators ``OpenAIServingCompletion.completion_stream_generator``
   (openai/completion/serving.py:279) and ``OpenAIServingChat.chat_completion_stream_generator``
   (openai/chat_completion/serving.py:466) are wrapped: they never see draft-only outputs.
+- CPU head GEMM (``cpu_head_tile_matmul``): ``dispatch_cpu_unquantized_gemm(layer, remove_weight)``
+  (model_executor/layers/utils.py:470) sets ``layer.cpu_linear(x, weight, bias)`` for a module
+  with a 2-D ``weight``, as vLLM's own CPU linear layers get it.
 - Ray on CPU: ``CpuPlatform.ray_device_key`` is empty in 0.32 (platforms/interface.py:150) and the
   Ray executors refuse it; ``plugin.cpu_ray_platform`` (a ``vllm.platform_plugins`` entry point,
   so it runs in Ray workers before anything else) sets it to ``"GPU"``. It lives in plugin.py,

@@ -24,7 +24,8 @@ Sampling noise:
   tiles (pick the tile's own inverse-CDF draw with probability tile mass / running mass). All
   ranks draw the same uniforms, so the generators stay in step.
 
-Engine-free (plain torch); the engine passes the weight slice and the collectives.
+Engine-free (plain torch); the engine passes the weight slice, the collectives and, on CPU, a
+tile GEMM with pre-packed weights (``VocabSlice.tile_matmul``).
 """
 
 from __future__ import annotations
