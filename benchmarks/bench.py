@@ -239,6 +239,8 @@ def add_ratios(rows):
 def fmt(v, nd=2):
     if v is None:
         return "–"
+    if isinstance(v, list):
+        return " / ".join(fmt(x, nd) for x in v)
     if isinstance(v, float):
         return f"{v:.{nd}f}" if abs(v) >= 0.01 else f"{v:.2e}"
     return str(v)
@@ -250,6 +252,8 @@ def write_report(rows, meta, out: Path):
     cols = ["system", "mode", "concurrency", "steps", "tokens_per_s", "latency_s", "ttft_s",
             "time_per_canvas_s", "tokens_per_forward", "steps_per_canvas", "peak_rss_gb",
             "plugin_over_ar", "plugin_over_reference"]
+    if any("tokens_per_s_runs" in r for r in rows):
+        cols.insert(5, "tokens_per_s_runs")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: (r["mode"], r["steps"] or 0, r["concurrency"], r["system"])):
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
@@ -289,6 +293,62 @@ def write_report(rows, meta, out: Path):
         print("[bench] matplotlib missing: no plots")
 
 
+def shutdown_engine(llm):
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    cleanup_dist_env_and_memory()
+
+
+def run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar):
+    """``--repeat N``: every system loaded at once; each point runs N times with the systems taking
+    turns (plugin, ar, reference, plugin, ...), so this machine's drift (+-15% within minutes)
+    hits them alike. Per point the row of the median run is kept, with every run's tokens/s."""
+    warm = argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length})
+    runners, engines = {}, []
+    try:
+        for system in [s for s in systems if s in ("plugin", "ar")]:
+            llm, starts[system] = vllm_engine(ck[system], args, system == "plugin")
+            engines.append(llm)
+            run_vllm_offline(llm, system, 1, steps_list[0], warm, geo.vocab_size, geo.canvas_length)
+            runners[system] = (lambda c, st, llm=llm, system=system: run_vllm_offline(
+                llm, system, c, st, args, geo.vocab_size, geo.canvas_length))
+        if "reference" in systems:
+            import torch
+
+            from dgemma_vllm.reference import load_reference
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            model = load_reference(str(ck["reference"]), dtype=args.dtype)
+            run_reference(model, 1, 2, warm, geo.vocab_size, geo.canvas_length)
+            runners["reference"] = (lambda c, st: run_reference(model, c, st, args, geo.vocab_size,
+                                                                 geo.canvas_length))
+        rows = []
+        for steps in steps_list:
+            for c in args.conc_list:
+                # the autoregressive model has no steps: measured with the first steps value only
+                turn = [s for s in runners if s != "ar" or steps == steps_list[0]]
+                runs = {s: [] for s in turn}
+                for _ in range(args.repeat):
+                    for system in turn:
+                        runs[system].append(runners[system](c, 0 if system == "ar" else steps))
+                for system, rs in runs.items():
+                    rs.sort(key=lambda r: r["tokens_per_s"])
+                    row = dict(rs[len(rs) // 2])
+                    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in rs]
+                    rows.append(row)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{system} c={c} {row['tokens_per_s']:.1f} tok/s (median)")
+        return rows
+    finally:
+        for llm in engines:
+            shutdown_engine(llm)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,7 +364,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="offline: run every point N times, the systems taking turns (all loaded at "
+                         "once), and report the median run (default 1: one system after the other)")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1 (got {args.repeat})")
     args.conc_list = [int(x) for x in args.concurrency.split(",")]
     steps_list = [int(x) for x in args.steps.split(",")]
     server_steps = [int(x) for x in (args.server_steps or str(steps_list[0])).split(",")]
@@ -335,7 +400,9 @@ def main(argv=None):
                 continue
             total += len(args.conc_list) * (1 if s == "ar" else len(steps_list if m == "offline" else server_steps))
     bar = tqdm(total=total, desc="bench", unit="pt")
-    if "offline" in modes:
+    if "offline" in modes and args.repeat > 1:
+        rows += run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar)
+    elif "offline" in modes:
         for system in [s for s in systems if s in ("plugin", "ar")]:
             llm, starts[system] = vllm_engine(ck[system], args, system == "plugin")
             try:
@@ -347,14 +414,8 @@ def main(argv=None):
                         bar.update(1)
                         bar.set_postfix_str(f"{system} c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
             finally:
-                from vllm.distributed import cleanup_dist_env_and_memory
-
-                try:
-                    llm.llm_engine.engine_core.shutdown()
-                except Exception:
-                    pass
+                shutdown_engine(llm)
                 del llm
-                cleanup_dist_env_and_memory()
         if "reference" in systems:
             import torch
 

@@ -34,6 +34,26 @@ def test_bench_command_writes_json_table_and_plots(tmp_path):
     assert "plugin_over_reference" in (out / "results.md").read_text()
 
 
+def test_bench_repeat_interleaves_systems_and_reports_the_median(tmp_path):
+    out = tmp_path / "bench"
+    cmd = ["bash", str(ROOT / "examples" / "benchmark_run.sh"), "--systems", "plugin,reference",
+           "--concurrency", "2", "--repeat", "3", "--gpu-memory-utilization", "0.1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(x["system"] for x in rows) == ["plugin", "reference"]
+    for x in rows:
+        runs = x["tokens_per_s_runs"]
+        assert len(runs) == 3 and runs == sorted(runs) and x["tokens_per_s"] == runs[1]
+        assert x["output_tokens"] == 64
+    plugin = next(x for x in rows if x["system"] == "plugin")
+    ref = next(x for x in rows if x["system"] == "reference")
+    assert plugin["plugin_over_reference"] == plugin["tokens_per_s"] / ref["tokens_per_s"]
+    assert "tokens_per_s_runs" in (out / "results.md").read_text()
+    bad = subprocess.run(cmd[:-2] + ["--repeat", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--repeat must be >= 1" in bad.stderr
+
+
 def test_kernel_step_script_runs_on_cpu(tmp_path):
     out = tmp_path / "k.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_kernel_step.py"), "--device", "cpu",
