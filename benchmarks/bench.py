@@ -304,27 +304,45 @@ def shutdown_engine(llm):
     cleanup_dist_env_and_memory()
 
 
+def warm_engine(system, ck, args, steps, geo, starts):
+    """The vLLM engine of `system` (its start time into `starts`), after one canvas-long warm-up
+    request."""
+    llm, starts[system] = vllm_engine(ck[system], args, system == "plugin")
+    try:
+        warm = argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length})
+        run_vllm_offline(llm, system, 1, steps, warm, geo.vocab_size, geo.canvas_length)
+    except BaseException:
+        shutdown_engine(llm)
+        raise
+    return llm
+
+
+def warm_reference(ck, args, geo):
+    """The `transformers` reference on every core, after one canvas-long warm-up generate."""
+    import torch
+
+    from dgemma_vllm.reference import load_reference
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_reference(str(ck["reference"]), dtype=args.dtype)
+    warm = argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length})
+    run_reference(model, 1, 2, warm, geo.vocab_size, geo.canvas_length)
+    return model
+
+
 def run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar):
     """``--repeat N``: every system loaded at once; each point runs N times with the systems taking
     turns (plugin, ar, reference, plugin, ...), so this machine's drift (+-15% within minutes)
     hits them alike. Per point the row of the median run is kept, with every run's tokens/s."""
-    warm = argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length})
     runners, engines = {}, []
     try:
         for system in [s for s in systems if s in ("plugin", "ar")]:
-            llm, starts[system] = vllm_engine(ck[system], args, system == "plugin")
+            llm = warm_engine(system, ck, args, steps_list[0], geo, starts)
             engines.append(llm)
-            run_vllm_offline(llm, system, 1, steps_list[0], warm, geo.vocab_size, geo.canvas_length)
             runners[system] = (lambda c, st, llm=llm, system=system: run_vllm_offline(
                 llm, system, c, st, args, geo.vocab_size, geo.canvas_length))
         if "reference" in systems:
-            import torch
-
-            from dgemma_vllm.reference import load_reference
-
-            torch.set_num_threads(os.cpu_count() or 1)
-            model = load_reference(str(ck["reference"]), dtype=args.dtype)
-            run_reference(model, 1, 2, warm, geo.vocab_size, geo.canvas_length)
+            model = warm_reference(ck, args, geo)
             runners["reference"] = (lambda c, st: run_reference(model, c, st, args, geo.vocab_size,
                                                                  geo.canvas_length))
         rows = []
@@ -404,10 +422,8 @@ def main(argv=None):
         rows += run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar)
     elif "offline" in modes:
         for system in [s for s in systems if s in ("plugin", "ar")]:
-            llm, starts[system] = vllm_engine(ck[system], args, system == "plugin")
+            llm = warm_engine(system, ck, args, steps_list[0], geo, starts)
             try:
-                run_vllm_offline(llm, system, 1, steps_list[0], argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length}),
-                                 geo.vocab_size, geo.canvas_length)  # warm-up
                 for steps in (steps_list if system == "plugin" else [None]):
                     for c in args.conc_list:
                         rows.append(run_vllm_offline(llm, system, c, steps or 0, args, geo.vocab_size, geo.canvas_length))
@@ -417,14 +433,7 @@ def main(argv=None):
                 shutdown_engine(llm)
                 del llm
         if "reference" in systems:
-            import torch
-
-            from dgemma_vllm.reference import load_reference
-
-            torch.set_num_threads(os.cpu_count() or 1)
-            model = load_reference(str(ck["reference"]), dtype=args.dtype)
-            run_reference(model, 1, 2, argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length}),
-                          geo.vocab_size, geo.canvas_length)  # warm-up
+            model = warm_reference(ck, args, geo)
             for steps in steps_list:
                 for c in args.conc_list:
                     rows.append(run_reference(model, c, steps, args, geo.vocab_size, geo.canvas_length))

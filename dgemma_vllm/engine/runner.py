@@ -113,8 +113,10 @@ class DGemmaRunnerMixin:
         self.dg_capture: dict[str, list] = {}
         self.dg_finished: dict[str, dict] = {}  # bounded: stats of recently finished requests
         opts = plugin_options(self.vllm_config)
-        self.dg_head_tile = head_tile(opts, torch.device(self.device).type)
-        self.dg_head_budget = head_budget(torch.device(self.device).type)
+        device_type = torch.device(self.device).type
+        self.dg_head_tile = head_tile(opts, device_type)
+        self.dg_head_budget = head_budget(device_type)
+        self.dg_cpu = device_type == "cpu"
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
@@ -297,7 +299,7 @@ class DGemmaRunnerMixin:
         model = self._dg_model()
         if self.dg_vocab_slice is None:
             self.dg_vocab_slice = model.vocab_slice()
-            if torch.device(self.device).type == "cpu":  # the tiles' GEMM pre-packed, as vLLM's linears
+            if self.dg_cpu:  # the tiles' GEMM pre-packed, as vLLM's linears
                 self.dg_vocab_slice.tile_matmul = V.cpu_head_tile_matmul(self.dg_vocab_slice.weight)
         vs = self.dg_vocab_slice
         kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,

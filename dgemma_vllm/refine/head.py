@@ -74,14 +74,16 @@ class RowStats(NamedTuple):
     soft: torch.Tensor | None  # [n, hidden] softmax(processed) @ E (without the sqrt(H) scale)
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float,
-                logits: torch.Tensor | None = None) -> torch.Tensor:
-    """``tanh(logits / softcap) * softcap`` in fp32, in place on the fresh matmul output (the
-    same operations and bits as the out-of-place form, one temporary instead of three);
-    ``logits``: the matmul already done by the caller."""
-    logits = F.linear(hidden, weight) if logits is None else logits
+def softcap_(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``tanh(logits / softcap) * softcap`` in fp32, in place on a fresh matmul output (the same
+    operations and bits as the out-of-place form, one temporary instead of three)."""
     logits = logits.float() if logits.dtype != torch.float32 else logits
     return logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
+    """The capped fp32 logits of ``hidden`` against the head rows ``weight``."""
+    return softcap_(F.linear(hidden, weight), softcap)
 
 
 @torch.no_grad()
@@ -250,9 +252,9 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         c0, c1 = t * cols, min((t + 1) * cols, vs.size)
         if c0 >= c1:
             continue
-        w = vs.weight[c0:c1]
-        logits = head_logits(h, w, softcap,
-                             vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None else None)
+        raw = (vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None
+               else F.linear(h, vs.weight[c0:c1]))
+        logits = softcap_(raw, softcap)
         # the processed logits; in place when the sampling below does not need `logits` again
         z = logits / sched_t if keep_logits else logits.div_(sched_t)
         mz, iz = z.max(-1)
