@@ -391,8 +391,10 @@ class DGemmaRunnerMixin:
         applied, self.dg_applied = self.dg_applied, False
         num_reqs = len(plan)
         out: list[list[int]] = [[] for _ in range(num_reqs)]
+        t_head = time.perf_counter()
         if not applied:
             self._dg_denoise_all(self._dg_entries(plan), logits)
+        t_head = time.perf_counter() - t_head
         for row, (req_id, mode, n) in enumerate(plan):
             if mode in (COMMIT, LAST):
                 out[row] = self.dg_states[req_id].finish_commit().tolist()
@@ -406,7 +408,7 @@ class DGemmaRunnerMixin:
         self.dg_steps += 1
         if self.dg_debug_steps:
             print(f"[dgemma] step {self.dg_steps} {time.perf_counter() - self.dg_t0:.4f}s "
-                  f"plan={[(m, n) for _, m, n in plan]}", flush=True)
+                  f"(head {t_head:.4f}s) plan={[(m, n) for _, m, n in plan]}", flush=True)
         width = max(2, max((len(t) for t in out), default=0))
         sampled = torch.full((num_reqs, width), -1, dtype=torch.int32)
         for row, toks in enumerate(out):
