@@ -368,18 +368,69 @@ def test_untied_head_uses_its_own_weight_and_embeds_with_the_embedding(tile):
 
 
 def test_cpu_tile_matmul_is_each_tiles_product():
-    """The engine's CPU tile GEMM (vLLM's CPU GEMM dispatch, weights pre-packed per tile) gives
-    hidden @ weight[c0:c1].T for every tile, the last one narrower, within fp32 rounding; and the
-    tiled head run with it keeps the untiled argmax."""
+    """The engine's CPU tile GEMMs (vLLM's CPU GEMM dispatch, weights pre-packed per tile) give
+    hidden @ weight[c0:c1].T (logits) and probs @ weight[c0:c1] (soft embeddings) for every tile,
+    the last one narrower, within fp32 rounding; and the tiled head run with them keeps the
+    untiled argmax."""
     from dgemma_vllm.engine import vllm_api
 
     w, hidden = _weights(4)
     mm = vllm_api.cpu_head_tile_matmul(w)
+    sm = vllm_api.cpu_head_soft_matmul(w)
+    probs = torch.rand(N, V, generator=torch.Generator().manual_seed(1))
     for c0, c1 in [(0, 128), (128, 256), (896, V)]:
         torch.testing.assert_close(mm(hidden, c0, c1), hidden @ w[c0:c1].T, rtol=1e-5, atol=1e-5)
-    vs = VocabSlice(weight=w, start=0, size=V, vocab=V, tile_matmul=mm)
+        torch.testing.assert_close(sm(probs[:, c0:c1], c0, c1), probs[:, c0:c1] @ w[c0:c1],
+                                   rtol=1e-5, atol=1e-5)
+    vs = VocabSlice(weight=w, start=0, size=V, vocab=V, tile_matmul=mm, soft_matmul=sm)
     out, _ = _head(hidden, vs, seed=0, tile=128, temperature=0.0)
     _, am, ent, soft, _ = _reference(hidden, w, seed=0)
     assert torch.equal(out.argmax, am) and torch.equal(out.denoiser, am)
     torch.testing.assert_close(out.entropy, ent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.soft, soft, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_stats_is_the_eager_passes_and_compiles_to_the_same_tokens():
+    """``tile_stats`` (the fused form of one unseeded unit-temperature tile) computes exactly what
+    the eager in-place passes compute; compiled with inductor (the engine's CPU default; its tanh
+    differs from ATen's by one ulp on ~0.2% of entries) it gives the same argmax and inverse-CDF
+    draws, the rest within fp32 rounding; and a whole head run with it draws the same tokens as
+    the eager head from the same generator."""
+    from dgemma_vllm.refine.head import EXP_FLOOR, compiled_tile_stats, softcap_, tile_stats
+
+    w, hidden = _weights(3)
+    hidden = hidden * 8.0  # some rows reach below the exp floor
+    raw = hidden @ w.T
+    sched = torch.full((N, 1), 0.45)
+    z = softcap_(raw.clone(), CAP).div_(sched)
+    mz, iz = z.max(-1)
+    zm = (z - mz[:, None]).clamp_(min=EXP_FLOOR)
+    assert (zm == EXP_FLOOR).any()
+    e = zm.exp()
+    eager = (z, mz, iz, e, e.sum(-1), (e * zm).sum(-1), e.cumsum(-1))
+    for a, b in zip(tile_stats(raw.clone(), CAP, sched), eager):
+        assert torch.equal(a, b)
+    fused = compiled_tile_stats()
+    assert fused is not None, "torch.compile failed on this machine (see the warning)"
+    got = fused(raw.clone(), CAP, sched)
+    assert torch.equal(got[2], eager[2])
+    for a, b in zip(got, eager):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-30)
+    u = torch.rand(N, 1, generator=torch.Generator().manual_seed(2)) * eager[6][:, -1:]
+    assert torch.equal(torch.searchsorted(fused(raw.clone(), CAP, sched)[6], u),
+                      torch.searchsorted(eager[6], u))
+
+    vs = VocabSlice(weight=w, start=0, size=V, vocab=V)
+    vs_fused = VocabSlice(weight=w, start=0, size=V, vocab=V, tile_stats=fused)
+    for tile in (128, 7):
+        runs = []
+        for v in (vs, vs_fused):
+            gen = torch.Generator().manual_seed(9)
+            runs.append(canvas_head(hidden, v, softcap=CAP, sched_t=sched[:, 0], temperature=torch.ones(N),
+                                    generator=gen, exact_noise=False, want_soft=True,
+                                    emb_dtype=torch.float32, tile=tile))
+        a, b = runs
+        assert torch.equal(a.denoiser, b.denoiser) and torch.equal(a.argmax, b.argmax)
+        torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.soft, b.soft, rtol=1e-5, atol=1e-6)

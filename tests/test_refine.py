@@ -118,6 +118,8 @@ def test_inverse_cdf_sampler_has_the_right_distribution():
     ({"dgemma_head_tile": "big"}, "dgemma_head_tile must be an integer"),
     ({"dgemma_steps_per_engine_step": 17}, r"dgemma_steps_per_engine_step must be an integer in \[1, 16\]"),
     ({"dgemma_steps_per_engine_step": 2.0}, "dgemma_steps_per_engine_step must be an integer"),
+    ({"dgemma_head_compile": "yes"}, "dgemma_head_compile must be true or false"),
+    ({"dgemma_fuse_commit": 1}, "dgemma_fuse_commit must be true or false"),
 ])
 def test_plugin_options_are_checked(options, message):
     from types import SimpleNamespace

@@ -9,6 +9,10 @@ Plugin options travel on the HF config (so every process sees them) and are set 
 - ``dgemma_head_tile``: vocabulary columns per tile of the canvas head (default 4096 on CPU,
   32768 on GPU; see ``dgemma_vllm/refine/head.py``): the head's temporaries are bounded by it,
   whatever the number of requests.
+- ``dgemma_head_compile``: fuse each head tile's elementwise passes (softcap, max, exp, sums,
+  cumsum) with ``torch.compile`` for unseeded requests (default true on CPU, false on GPU, where
+  it has not been measured); compiled once at engine start, the eager passes if that fails.
+  Seeded requests always take the eager passes (the reference's bits).
 - ``dgemma_steps_per_engine_step``: denoising steps run inside one engine step when the batch holds
   only denoising canvases (default 1; 1-16). Requests cannot join or leave inside such a group;
   it saves vLLM's per-step scheduling and process hand-off. Token-exact with 1.
@@ -26,9 +30,10 @@ from . import vllm_api as V
 logger = logging.getLogger("dgemma_vllm")
 
 ARCH = "DiffusionGemmaForBlockDiffusion"
-# dgemma_head_tile None: by device (HEAD_TILE_DEFAULTS)
+# dgemma_head_tile / dgemma_head_compile None: by device (HEAD_TILE_DEFAULTS / head_compile)
 OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": None,
-                   "dgemma_steps_per_engine_step": 1, "dgemma_fuse_commit": True}
+                   "dgemma_steps_per_engine_step": 1, "dgemma_fuse_commit": True,
+                   "dgemma_head_compile": None}
 
 
 # Measured (benchmarks/RESULTS.md): on CPU [rows, 4096] fp32 temporaries stay in cache and a
@@ -53,6 +58,12 @@ def head_tile(options: dict, device_type: str) -> int:
     return int(tile) if tile is not None else HEAD_TILE_DEFAULTS["cpu" if device_type == "cpu" else "gpu"]
 
 
+def head_compile(options: dict, device_type: str) -> bool:
+    """Measured on CPU only (benchmarks/RESULTS.md, 2026-11-29): on by default there."""
+    c = options["head_compile"]
+    return bool(c) if c is not None else device_type == "cpu"
+
+
 def plugin_options(vllm_config) -> dict:
     hf = vllm_config.model_config.hf_config
     return {k.removeprefix("dgemma_"): getattr(hf, k, v) for k, v in OPTION_DEFAULTS.items()}
@@ -63,9 +74,10 @@ def validate_options(hf) -> None:
     window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
     if window not in ("reference", "symmetric"):
         raise ValueError(f"dgemma_canvas_window must be 'reference' or 'symmetric', got {window!r}")
-    fuse = getattr(hf, "dgemma_fuse_commit", OPTION_DEFAULTS["dgemma_fuse_commit"])
-    if not isinstance(fuse, bool):
-        raise ValueError(f"dgemma_fuse_commit must be true or false, got {fuse!r}")
+    for name in ("dgemma_fuse_commit", "dgemma_head_compile"):
+        v = getattr(hf, name, OPTION_DEFAULTS[name])
+        if not isinstance(v, bool) and not (v is None and name == "dgemma_head_compile"):
+            raise ValueError(f"{name} must be true or false, got {v!r}")
     for name, hi in (("dgemma_head_tile", 1 << 24), ("dgemma_steps_per_engine_step", 16)):
         v = getattr(hf, name, OPTION_DEFAULTS[name])
         if v is None and name == "dgemma_head_tile":

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from dgemma_vllm.model.dgemma import SOFTCAP, StepInputs
-from dgemma_vllm.refine.head import denoise_batch, denoise_step, head_logits
+from dgemma_vllm.refine.head import compiled_tile_stats, denoise_batch, denoise_step, head_logits
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
                                        server_overrides)
 from dgemma_vllm.refine.sampler import CanvasState, temperature
 
 from . import vllm_api as V
-from .config import canvas_length_of, canvas_positions, head_budget, head_tile, plugin_options
+from .config import (canvas_length_of, canvas_positions, head_budget, head_compile, head_tile,
+                     plugin_options)
 
 logger = logging.getLogger("dgemma_vllm")
 
@@ -118,6 +119,8 @@ class DGemmaRunnerMixin:
         self.dg_head_budget = head_budget(device_type)
         self.dg_cpu = device_type == "cpu"
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
+        # the head tile's fused elementwise passes, compiled now (engine start), not in a request
+        self.dg_tile_stats = compiled_tile_stats() if head_compile(opts, device_type) else None
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step
@@ -299,8 +302,11 @@ class DGemmaRunnerMixin:
         model = self._dg_model()
         if self.dg_vocab_slice is None:
             self.dg_vocab_slice = model.vocab_slice()
-            if self.dg_cpu:  # the tiles' GEMM pre-packed, as vLLM's linears
-                self.dg_vocab_slice.tile_matmul = V.cpu_head_tile_matmul(self.dg_vocab_slice.weight)
+            if self.dg_cpu:  # the tiles' GEMMs pre-packed, as vLLM's linears
+                vs = self.dg_vocab_slice
+                vs.tile_matmul = V.cpu_head_tile_matmul(vs.weight)
+                vs.soft_matmul = V.cpu_head_soft_matmul(vs.soft_weight)
+            self.dg_vocab_slice.tile_stats = self.dg_tile_stats
         vs = self.dg_vocab_slice
         kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
                   normalizer=model.model.normalizer, tile=self.dg_head_tile)

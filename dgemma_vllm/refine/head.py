@@ -70,6 +70,12 @@ class VocabSlice:
     # the engine's GEMM for the logits of one vocabulary tile: (hidden, c0, c1) -> hidden @
     # weight[c0:c1].T (e.g. a kernel with the tile's weight pre-packed); default F.linear
     tile_matmul: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
+    # the engine's GEMM for one tile's soft-embedding share: (probs, c0, c1) -> probs @
+    # soft_weight[c0:c1]; default torch.mm
+    soft_matmul: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
+    # a fused (compiled) ``tile_stats`` for unseeded tiles at unit temperature; None: the
+    # in-place eager passes
+    tile_stats: Callable | None = None
 
     @property
     def soft_weight(self) -> torch.Tensor:
@@ -211,10 +217,14 @@ class _Online:
     def __init__(self):
         self.m = self.s = self.u = self.acc = None
 
-    def add(self, zm, e, mz, w=None):
-        """One tile: ``zm`` = z - mz (its row max ``mz``), ``e`` = exp(zm), ``w`` its embedding rows."""
-        s, d = e.sum(-1), (e * zm).sum(-1)
-        acc = (e.to(w.dtype) @ w).float() if w is not None else None
+    def add(self, zm, e, mz, emb=None):
+        """One tile: ``zm`` = z - mz (its row max ``mz``), ``e`` = exp(zm), ``emb(e)`` the product
+        with its embedding rows."""
+        self.add_sums(mz, e.sum(-1), (e * zm).sum(-1), e, emb)
+
+    def add_sums(self, mz, s, d, e, emb=None):
+        """One tile from its sums ``s`` = sum e and ``d`` = sum e (z - mz)."""
+        acc = emb(e).float() if emb is not None else None
         if self.m is None:
             self.m, self.s, self.u, self.acc = mz, s, d, acc
             return
@@ -222,6 +232,40 @@ class _Online:
         if acc is not None:
             a, b = scales
             self.acc = self.acc * a[:, None] + acc * b[:, None]
+
+
+def tile_stats(raw: torch.Tensor, softcap: float, sched_t: torch.Tensor):
+    """One vocabulary tile of an unseeded unit-temperature step, written as one function for a
+    compiler to fuse (``compiled_tile_stats``); the eager loop computes the same quantities in
+    place, pass by pass. Returns the processed logits ``z = tanh(raw / softcap) * softcap /
+    sched_t``, their row max and argmax, ``e = exp(max(z - max, EXP_FLOOR))``, ``sum e``,
+    ``sum e (z - max)`` and ``cumsum e`` (the tile's inverse-CDF draw)."""
+    z = torch.tanh(raw / softcap) * softcap / sched_t
+    mz, iz = z.max(-1)
+    zm = (z - mz[:, None]).clamp(min=EXP_FLOOR)
+    e = zm.exp()
+    return z, mz, iz, e, e.sum(-1), (e * zm).sum(-1), e.cumsum(-1)
+
+
+def compiled_tile_stats(warm_rows: int = 3, warm_cols: int = 64) -> Callable | None:
+    """``tile_stats`` through ``torch.compile`` (inductor: one C++ loop nest on CPU instead of
+    nine passes over the tile; 146-149 -> 127-128 ms per medium head step of 256 rows, measured
+    in benchmarks/RESULTS.md), compiled here on a small tile so that no request pays for it
+    (dynamic shapes: one graph for every tile width and row count above 1). None, with a
+    warning, if it cannot be compiled here (e.g. no C++ compiler): the caller keeps the eager
+    passes."""
+    import logging
+
+    try:
+        fn = torch.compile(tile_stats, dynamic=True)
+        with torch.no_grad():
+            fn(torch.randn(warm_rows, warm_cols), 30.0, torch.full((warm_rows, 1), 0.5))
+        return fn
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is exact
+        logging.getLogger("dgemma_vllm").warning(
+            "dgemma_head_compile: torch.compile of the head tile failed (%s: %s); using the eager "
+            "head", type(e).__name__, e)
+        return None
 
 
 def merge(m1, s1, d1, m2, s2, d2):
@@ -263,15 +307,21 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
             continue
         raw = (vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None
                else F.linear(h, vs.weight[c0:c1]))
-        logits = softcap_(raw, softcap)
-        # the processed logits; in place when the sampling below does not need `logits` again
-        z = logits / sched_t if keep_logits else logits.div_(sched_t)
-        mz, iz = z.max(-1)
-        zm = (z - mz[:, None]).clamp_(min=EXP_FLOOR)
-        e = zm.exp()
-        emb = vs.soft_weight[c0:c1] if want_soft else None
-        stats.add(zm, e, mz, emb if soft_stats is None else None)
-        del zm
+        emb = _soft_product(vs, c0, c1) if want_soft else None
+        cdf = None
+        if vs.tile_stats is not None and not keep_logits and noise is None:
+            z, mz, iz, e, s_, d_, cdf = vs.tile_stats(raw, softcap, sched_t)
+            logits = z
+            stats.add_sums(mz, s_, d_, e, emb if soft_stats is None else None)
+        else:
+            logits = softcap_(raw, softcap)
+            # the processed logits; in place when the sampling below does not need `logits` again
+            z = logits / sched_t if keep_logits else logits.div_(sched_t)
+            mz, iz = z.max(-1)
+            zm = (z - mz[:, None]).clamp_(min=EXP_FLOOR)
+            e = zm.exp()
+            stats.add(zm, e, mz, emb if soft_stats is None else None)
+            del zm
         if soft_stats is not None:
             zc = z.to(emb_dtype).float()
             mc = zc.max(-1).values
@@ -291,7 +341,7 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         else:
             ms = mz if zs is z else zs.max(-1).values
             ws = e if zs is z else torch.exp((zs - ms[:, None]).clamp_(min=EXP_FLOOR))
-            cdf = ws.cumsum(-1)
+            cdf = cdf if (cdf is not None and zs is z) else ws.cumsum(-1)
             slot = 2 * (vs.rank * tiles + t)
             u_in = uni[:, slot + 1].to(cdf.dtype)[:, None] * cdf[:, -1:]
             cand = torch.searchsorted(cdf, u_in).squeeze(-1).clamp_(max=c1 - c0 - 1) + (vs.start + c0)
@@ -343,6 +393,14 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
     if greedy is not None and sampling:
         denoiser = torch.where(greedy[:, 0], best_i, smp_i)
     return denoiser, best_i, ent, soft
+
+
+def _soft_product(vs, c0, c1):
+    """``p -> p @ soft_weight[c0:c1]`` in the embedding's dtype (the engine's GEMM if it gave one)."""
+    w = vs.soft_weight
+    if vs.soft_matmul is not None:
+        return lambda p: vs.soft_matmul(p.to(w.dtype), c0, c1)
+    return lambda p: p.to(w.dtype) @ w[c0:c1]
 
 
 def _keep_max(best_v, best_i, v, i):
