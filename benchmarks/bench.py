@@ -76,6 +76,21 @@ class PeakRSS:
         self._t.join()
 
 
+def cpu_name() -> str:
+    """CPU model and the vector ISA torch uses (GEMM and elementwise speed depend on both)."""
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()})"
+
+
 def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rnd = random.Random(seed)
     return [[rnd.randrange(5, vocab) for _ in range(length)] for _ in range(n)]
@@ -456,8 +471,9 @@ def main(argv=None):
     import vllm
 
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                        f"{round(__import__('psutil').virtual_memory().total / 2**30)} GiB RAM, no GPU",
+                machine=f"{cpu_name()}, {os.cpu_count()} cores, "
+                        f"{round(__import__('psutil').virtual_memory().total / 2**30)} GiB RAM, "
+                        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
                 machine_short=f"{os.cpu_count()}-core CPU",
                 versions=f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
                 command=" ".join([Path(sys.executable).name, "benchmarks/bench.py", *(argv or sys.argv[1:])]),

@@ -434,3 +434,17 @@ def test_tile_stats_is_the_eager_passes_and_compiles_to_the_same_tokens():
         assert torch.equal(a.denoiser, b.denoiser) and torch.equal(a.argmax, b.argmax)
         torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.soft, b.soft, rtol=1e-5, atol=1e-6)
+
+
+def test_head_compile_falls_back_to_the_eager_passes(monkeypatch, caplog):
+    """Where torch.compile cannot run (e.g. no C++ compiler), the engine is told None with a
+    warning naming the option, and keeps the eager passes."""
+    from dgemma_vllm.refine import head
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(head.torch, "compile", broken)
+    with caplog.at_level("WARNING", logger="dgemma_vllm"):
+        assert head.compiled_tile_stats() is None
+    assert "dgemma_head_compile" in caplog.text and "no compiler here" in caplog.text
