@@ -410,7 +410,7 @@ def test_tile_stats_is_the_eager_passes_and_compiles_to_the_same_tokens():
     eager = (z, mz, iz, e, e.sum(-1), (e * zm).sum(-1), e.cumsum(-1))
     for a, b in zip(tile_stats(raw.clone(), CAP, sched), eager):
         assert torch.equal(a, b)
-    fused = compiled_tile_stats()
+    fused = compiled_tile_stats(CAP)
     assert fused is not None, "torch.compile failed on this machine (see the warning)"
     got = fused(raw.clone(), CAP, sched)
     assert torch.equal(got[2], eager[2])
@@ -446,5 +446,5 @@ def test_head_compile_falls_back_to_the_eager_passes(monkeypatch, caplog):
 
     monkeypatch.setattr(head.torch, "compile", broken)
     with caplog.at_level("WARNING", logger="dgemma_vllm"):
-        assert head.compiled_tile_stats() is None
+        assert head.compiled_tile_stats(CAP) is None
     assert "dgemma_head_compile" in caplog.text and "no compiler here" in caplog.text

@@ -120,7 +120,8 @@ class DGemmaRunnerMixin:
         self.dg_cpu = device_type == "cpu"
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
         # the head tile's fused elementwise passes, compiled now (engine start), not in a request
-        self.dg_tile_stats = compiled_tile_stats() if head_compile(opts, device_type) else None
+        self.dg_tile_stats = (compiled_tile_stats(SOFTCAP, mc.dtype)
+                              if head_compile(opts, device_type) else None)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step

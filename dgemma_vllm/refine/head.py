@@ -240,26 +240,28 @@ def tile_stats(raw: torch.Tensor, softcap: float, sched_t: torch.Tensor):
     place, pass by pass. Returns the processed logits ``z = tanh(raw / softcap) * softcap /
     sched_t``, their row max and argmax, ``e = exp(max(z - max, EXP_FLOOR))``, ``sum e``,
     ``sum e (z - max)`` and ``cumsum e`` (the tile's inverse-CDF draw)."""
-    z = torch.tanh(raw / softcap) * softcap / sched_t
+    z = torch.tanh(raw.float() / softcap) * softcap / sched_t  # fp32, as softcap_
     mz, iz = z.max(-1)
     zm = (z - mz[:, None]).clamp(min=EXP_FLOOR)
     e = zm.exp()
     return z, mz, iz, e, e.sum(-1), (e * zm).sum(-1), e.cumsum(-1)
 
 
-def compiled_tile_stats(warm_rows: int = 3, warm_cols: int = 64) -> Callable | None:
+def compiled_tile_stats(softcap: float, dtype: torch.dtype = torch.float32, warm_rows: int = 3,
+                        warm_cols: int = 64) -> Callable | None:
     """``tile_stats`` through ``torch.compile`` (inductor: one C++ loop nest on CPU instead of
     nine passes over the tile; 146-149 -> 127-128 ms per medium head step of 256 rows, measured
-    in benchmarks/RESULTS.md), compiled here on a small tile so that no request pays for it
-    (dynamic shapes: one graph for every tile width and row count above 1). None, with a
-    warning, if it cannot be compiled here (e.g. no C++ compiler): the caller keeps the eager
-    passes."""
+    in benchmarks/RESULTS.md), compiled here on a small tile of the model's `softcap` and logits
+    `dtype` (what the graph is specialized on) so that no request pays for it (dynamic shapes:
+    one graph for every tile width and row count above 1). None, with a warning, if it cannot be
+    compiled here (e.g. no C++ compiler): the caller keeps the eager passes."""
     import logging
 
     try:
         fn = torch.compile(tile_stats, dynamic=True)
         with torch.no_grad():
-            fn(torch.randn(warm_rows, warm_cols), 30.0, torch.full((warm_rows, 1), 0.5))
+            fn(torch.randn(warm_rows, warm_cols, dtype=dtype), softcap,
+               torch.full((warm_rows, 1), 0.5))
         return fn
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is exact
         logging.getLogger("dgemma_vllm").warning(
