@@ -11,6 +11,14 @@ canvas logits). Then:
   by the reference encoder from the prompt and the committed canvases, relative error <= 1e-4;
 - the comparison can fail: the same check against the reference at shifted positions (a RoPE
   error) or with the canvas mask of the other sliding-window rule exceeds the tolerance.
+
+Requests whose reference run meets an MoE routing near-tie are drawn again with another seed
+(same prompt, length and steps; the widest-margin one of six where none is free of ties): where the k-th and (k+1)-th router probabilities of some token
+lie within ``ROUTER_TIE`` (relative) of each other, fp32 rounding alone (vLLM's fused router GEMM
+against the reference's) decides which expert runs, and the two outputs part by design. The
+random-weight checkpoints differ between CPU kinds (torch's vectorized RNG), so such ties appear
+on some machines and not others (on an AVX-512 EPYC: relative gaps 0 and 1.2e-7 in two of the
+`small` requests, 0.14 relative logits error; the closest among the others 1.9e-6).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID, get_geometry
 
 REL_TOL = 1e-4
+ROUTER_TIE = 2e-6  # ~16 fp32 ulps between the k-th and (k+1)-th router probability
 EOS_IDS = (EOS_ID, EOT_ID)
 
 
@@ -61,15 +70,57 @@ def expected_tokens(model, r: Req) -> list[int]:
                                max_denoising_steps=r.steps)
 
 
+def router_margin(model, fn):
+    """(fn(), the smallest relative gap between the k-th and (k+1)-th router probability over
+    every token of every MoE router call of the reference while fn runs, among tokens whose k-th
+    expert carries more than REL_TOL of their top-k weight)."""
+    gaps = []
+
+    def hook(mod, inp, out):
+        k = mod.config.top_k_experts
+        v = out[0].float().topk(k + 1, dim=-1).values
+        rel = (v[:, k - 1] - v[:, k]) / v[:, k - 1]
+        # a tie between experts whose share of the token's top-k weight is below the logits
+        # tolerance cannot move the logits by more than it
+        share = v[:, k - 1] / v[:, :k].sum(-1)
+        gaps.append(float(torch.where(share > REL_TOL, rel, math.inf).min()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if type(m).__name__.endswith("TextRouter")]
+    assert handles, "no MoE router found in the reference model"
+    try:
+        result = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, min(gaps, default=math.inf)
+
+
+def tie_free(model, r: Req, tries: int = 6) -> Req:
+    """`r`, or `r` with the first seed in a fixed sequence whose reference run has no routing
+    near-tie (see the module doc); if none of `tries` seeds is free of one (a tie inside the
+    prompt's own encoding does not depend on the seed), the seed with the widest margin."""
+    best = None
+    for t in range(tries):
+        cand = Req(r.prompt, seed=r.seed + 7919 * t, max_tokens=r.max_tokens, steps=r.steps)
+        _, margin = router_margin(model, lambda: expected_tokens(model, cand))
+        if margin >= ROUTER_TIE:
+            return cand
+        if best is None or margin > best[0]:
+            best = (margin, cand)
+    return best[1]
+
+
 def find_eos_request(model, geometry: str) -> Req:
     """A seeded request whose reference output has an EOS strictly inside a canvas."""
     g = get_geometry(geometry)
     c = g.canvas_length
     for s in range(500):
         r = Req([7, 8, 9, 10, 11], seed=s, max_tokens=3 * c, steps=3)
-        toks = ref.generate(model, r.prompt, r.seed, max_new_tokens=r.max_tokens, max_denoising_steps=3)
+        toks, margin = router_margin(model, lambda: ref.generate(
+            model, r.prompt, r.seed, max_new_tokens=r.max_tokens, max_denoising_steps=3))
         pos = [i for i, t in enumerate(toks) if t in EOS_IDS]
-        if pos and pos[0] % c not in (c - 1,) and pos[0] < 3 * c:
+        if pos and pos[0] % c not in (c - 1,) and pos[0] < 3 * c and margin >= ROUTER_TIE:
             return r
     raise AssertionError("no seed in 0..499 gives an EOS inside a canvas")
 
@@ -90,7 +141,7 @@ def run(request, tmp_path_factory):
     geometry = case["geometry"]
     path = checkpoint(geometry, **case["ckpt"])
     model = ref.load_reference(str(path))
-    reqs = make_requests(geometry)
+    reqs = [tie_free(model, r) for r in make_requests(geometry)]
     reqs.append(find_eos_request(model, geometry))
     capture = tmp_path_factory.mktemp(f"capture_{request.param}")
     llm = start_llm(path, capture_dir=str(capture), **case["engine"])
