@@ -14,11 +14,12 @@ canvas logits). Then:
 
 Requests whose reference run meets an MoE routing near-tie are drawn again with another seed
 (same prompt, length and steps; the widest-margin one of six where none is free of ties): where the k-th and (k+1)-th router probabilities of some token
-lie within ``ROUTER_TIE`` (relative) of each other, fp32 rounding alone (vLLM's fused router GEMM
-against the reference's) decides which expert runs, and the two outputs part by design. The
-random-weight checkpoints differ between CPU kinds (torch's vectorized RNG), so such ties appear
-on some machines and not others (on an AVX-512 EPYC: relative gaps 0 and 1.2e-7 in two of the
-`small` requests, 0.14 relative logits error; the closest among the others 1.9e-6).
+lie within ``ROUTER_TIE`` (relative) of each other, fp32 rounding alone (vLLM's router GEMM
+against the reference's) decides which expert runs, and the two outputs part by design. Which
+requests meet one depends on the CPU kind (these tests passed on AVX2 machines; on an AVX-512
+EPYC two of the `small` requests had relative gaps of 0 and 1.2e-7 and 0.14 relative logits
+error, the closest among the others 1.9e-6; whether the checkpoint's random weights or the
+kernels' rounding differ between the two was not isolated).
 """
 
 from __future__ import annotations
