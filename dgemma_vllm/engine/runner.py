@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from dgemma_vllm.model.dgemma import SOFTCAP, StepInputs
-from dgemma_vllm.refine.head import compiled_tile_stats, denoise_batch, denoise_step, head_logits
+from dgemma_vllm.refine.head import (compiled_tile_stats, denoise_batch, denoise_step, head_logits,
+                                     is_tiled)
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
                                        server_overrides)
 from dgemma_vllm.refine.sampler import CanvasState, temperature
@@ -119,9 +120,11 @@ class DGemmaRunnerMixin:
         self.dg_head_budget = head_budget(device_type)
         self.dg_cpu = device_type == "cpu"
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
-        # the head tile's fused elementwise passes, compiled now (engine start), not in a request
+        # the head tile's fused elementwise passes, compiled now (engine start), not in a request;
+        # not at all where the head never tiles (a vocabulary within one tile, one rank)
+        tiled = is_tiled(self.dg_vocab, self.parallel_config.tensor_parallel_size, self.dg_head_tile)
         self.dg_tile_stats = (compiled_tile_stats(SOFTCAP, mc.dtype)
-                              if head_compile(opts, device_type) else None)
+                              if tiled and head_compile(opts, device_type) else None)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step

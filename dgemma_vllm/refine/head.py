@@ -101,6 +101,12 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float) -> t
     return softcap_(F.linear(hidden, weight), softcap)
 
 
+def is_tiled(size: int, ranks: int, tile: int) -> bool:
+    """Whether the head takes the tiled path (else the reference's operations on one tile): a
+    vocabulary slice of `size` rows on one of `ranks` ranks, `tile` columns per tile."""
+    return ranks > 1 or size > tile
+
+
 @torch.no_grad()
 def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t: torch.Tensor,
                 temperature: float, generator: torch.Generator | None, exact_noise: bool,
@@ -117,8 +123,7 @@ def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t
     rows = max(1, budget // min(vs.vocab, cols))
     if exact_noise and temperature != 0.0:  # the noise is drawn a full row at a time
         rows = max(1, budget // vs.vocab)
-    single = vs.ranks == 1 and vs.size <= cols
-    step = _exact_chunk if single else _tiled_chunk
+    step = _tiled_chunk if is_tiled(vs.size, vs.ranks, tile) else _exact_chunk
 
     def chunk_params(i):
         if not per_row:
@@ -313,7 +318,6 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         cdf = None
         if vs.tile_stats is not None and not keep_logits and noise is None:
             z, mz, iz, e, s_, d_, cdf = vs.tile_stats(raw, softcap, sched_t)
-            logits = z
             stats.add_sums(mz, s_, d_, e, emb if soft_stats is None else None)
         else:
             logits = softcap_(raw, softcap)
@@ -343,7 +347,8 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         else:
             ms = mz if zs is z else zs.max(-1).values
             ws = e if zs is z else torch.exp((zs - ms[:, None]).clamp_(min=EXP_FLOOR))
-            cdf = cdf if (cdf is not None and zs is z) else ws.cumsum(-1)
+            if cdf is None:  # (the fused tile's cdf is of z, and zs is z whenever it ran)
+                cdf = ws.cumsum(-1)
             slot = 2 * (vs.rank * tiles + t)
             u_in = uni[:, slot + 1].to(cdf.dtype)[:, None] * cdf[:, -1:]
             cand = torch.searchsorted(cdf, u_in).squeeze(-1).clamp_(max=c1 - c0 - 1) + (vs.start + c0)
