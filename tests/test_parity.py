@@ -13,9 +13,10 @@ canvas logits). Then:
   error) or with the canvas mask of the other sliding-window rule exceeds the tolerance.
 
 Requests whose reference run meets an MoE routing near-tie are drawn again with another seed
-(same prompt, length and steps; the widest-margin one of six where none is free of ties): where the k-th and (k+1)-th router probabilities of some token
-lie within ``ROUTER_TIE`` (relative) of each other, fp32 rounding alone (vLLM's router GEMM
-against the reference's) decides which expert runs, and the two outputs part by design. Which
+(same prompt, length and steps; the widest-margin one of six where none is free of ties): where
+the k-th and (k+1)-th router probabilities of some token lie within ``ROUTER_TIE`` (relative) of
+each other, fp32 rounding alone (vLLM's router GEMM against the reference's) decides which expert
+runs, and the two outputs part by design. Which
 requests meet one depends on the CPU kind (these tests passed on AVX2 machines; on an AVX-512
 EPYC two of the `small` requests had relative gaps of 0 and 1.2e-7 and 0.14 relative logits
 error, the closest among the others 1.9e-6; whether the checkpoint's random weights or the
@@ -97,19 +98,20 @@ def router_margin(model, fn):
     return result, min(gaps, default=math.inf)
 
 
-def tie_free(model, r: Req, tries: int = 6) -> Req:
+def tie_free(model, r: Req, tries: int = 6) -> tuple[Req, list[int]]:
     """`r`, or `r` with the first seed in a fixed sequence whose reference run has no routing
     near-tie (see the module doc); if none of `tries` seeds is free of one (a tie inside the
-    prompt's own encoding does not depend on the seed), the seed with the widest margin."""
+    prompt's own encoding does not depend on the seed), the seed with the widest margin. With
+    the reference's tokens for it."""
     best = None
     for t in range(tries):
         cand = Req(r.prompt, seed=r.seed + 7919 * t, max_tokens=r.max_tokens, steps=r.steps)
-        _, margin = router_margin(model, lambda: expected_tokens(model, cand))
+        toks, margin = router_margin(model, lambda: expected_tokens(model, cand))
         if margin >= ROUTER_TIE:
-            return cand
+            return cand, toks
         if best is None or margin > best[0]:
-            best = (margin, cand)
-    return best[1]
+            best = (margin, cand, toks)
+    return best[1], best[2]
 
 
 def find_eos_request(model, geometry: str) -> Req:
@@ -142,8 +144,9 @@ def run(request, tmp_path_factory):
     geometry = case["geometry"]
     path = checkpoint(geometry, **case["ckpt"])
     model = ref.load_reference(str(path))
-    reqs = [tie_free(model, r) for r in make_requests(geometry)]
+    reqs, want = map(list, zip(*(tie_free(model, r) for r in make_requests(geometry))))
     reqs.append(find_eos_request(model, geometry))
+    want.append(expected_tokens(model, reqs[-1]))
     capture = tmp_path_factory.mktemp(f"capture_{request.param}")
     llm = start_llm(path, capture_dir=str(capture), **case["engine"])
     try:
@@ -159,15 +162,13 @@ def run(request, tmp_path_factory):
         rid = f.stem.rsplit("-", 1)[0]
         if rid in caps:
             caps[rid] = torch.load(f)
-    yield dict(name=request.param, geometry=geometry, model=model, reqs=reqs, got=got,
+    yield dict(name=request.param, geometry=geometry, model=model, reqs=reqs, want=want, got=got,
                req_ids=req_ids, caps=caps)
 
 
 def test_tokens_equal_reference(run):
-    model = run["model"]
     mismatches = []
-    for r, got in zip(run["reqs"], run["got"]):
-        want = expected_tokens(model, r)
+    for r, want, got in zip(run["reqs"], run["want"], run["got"]):
         if got != want:
             mismatches.append((r, got, want))
     assert not mismatches, "\n".join(f"{r}: got {g} want {w}" for r, g, w in mismatches)
