@@ -10,7 +10,9 @@ The batch covers: several canvases with the last one cut by max_tokens, an exact
 canvas, EOS allowed, a per-request canvas length, a last canvas shortened by max_model_len,
 adaptive stopping, greedy sampling, one denoising step per canvas (the fused step itself is the
 canvas's last), and a request with several denoising steps per engine step disabled by fusion
-rows (step groups only run on pure denoising batches).
+rows (step groups only run on pure denoising batches). The runners' counters show, for the same
+batch, that committed rows never reach the vocabulary head and that the self-conditioning MLP
+runs once per forward for all canvases in it (items 2 and 3).
 """
 
 from __future__ import annotations
@@ -48,13 +50,16 @@ def _requests():
 
 
 def _run(path, **overrides):
-    from dgemma_vllm.engine.stats import runner_stats
+    from dgemma_vllm.engine.stats import request_stats, runner_stats
 
     llm = start_llm(path, max_model_len=MAX_LEN, hf_overrides=overrides or None)
     try:
         prompts, params = _requests()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs], runner_stats(llm)
+        stats = runner_stats(llm)
+        per_request = request_stats(llm)
+        stats["requests"] = [per_request[o.request_id.rsplit("-", 1)[0]] for o in outs]
+        return [list(o.outputs[0].token_ids) for o in outs], stats
     finally:
         stop_llm(llm)
 
@@ -81,6 +86,49 @@ def test_fused_tokens_equal_unfused(runs):
         if sp.ignore_eos:
             room = MAX_LEN - len(p["prompt_token_ids"])
             assert len(toks) == min(sp.max_tokens, room)
+
+
+def _canvas_lengths(prompt_len, n_tokens, canvas):
+    """The canvases a request of `n_tokens` output tokens ran, as the served model defines them:
+    `canvas` positions, shortened by the room left under max_model_len."""
+    lens, done = [], 0
+    while done < n_tokens:
+        lens.append(min(canvas, MAX_LEN - prompt_len - done))
+        done += lens[-1]
+    return lens
+
+
+def test_commit_rows_skip_the_head_and_one_self_conditioning_call_per_forward(runs, tiny_ckpt):
+    """Item 2: the vocabulary head runs on denoising canvas rows only, never on committed rows
+    (counted: rows vLLM's logits step hands the runner's head, against the canvases and steps
+    each request ran, worked out here from its length and settings). Item 3: one
+    self-conditioning MLP call per forward that holds canvases, whatever their number."""
+    import json
+
+    served = json.loads((tiny_ckpt / "config.json").read_text())["canvas_length"]
+    prompts, params = _requests()
+    for fused, (toks_all, stats) in zip((False, True), runs):
+        head_rows = commit_rows = steps = 0
+        for p, sp, toks, req in zip(prompts, params, toks_all, stats["requests"]):
+            extra = sp.extra_args
+            lens = _canvas_lengths(len(p["prompt_token_ids"]), len(toks),
+                                   extra.get("diffusion_canvas_length", served))
+            k = extra["diffusion_max_steps"]
+            assert req["canvases"] == len(lens), (p, req, lens)
+            if k == 1 or extra.get("diffusion_stability_threshold") == 0:  # no early stop
+                assert req["denoising_steps"] == k * len(lens), (req, lens)
+                head_rows += k * sum(lens)
+            else:  # adaptive stopping: steps per canvas vary, the canvases are all alike
+                assert len(set(lens)) == 1, lens
+                head_rows += req["denoising_steps"] * lens[0]
+            steps += req["denoising_steps"]
+            # committed rows: every canvas in full, except the last one of a fused engine
+            # (one row: it ends the request, its K/V are never read)
+            commit_rows += sum(lens) if not fused else sum(lens[:-1]) + 1
+        assert stats["head_rows"] == head_rows, (fused, stats, head_rows)
+        assert stats["commit_rows"] == commit_rows, (fused, stats, commit_rows)
+        assert stats["self_conditioning_calls"] == stats["canvas_forwards"], stats
+        assert stats["canvas_forwards"] < steps / 2, (stats, steps)  # forwards shared by canvases
 
 
 def test_fused_tokens_equal_reference(runs, tiny_ckpt):

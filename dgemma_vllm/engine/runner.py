@@ -129,6 +129,9 @@ class DGemmaRunnerMixin:
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step
         self.dg_last_commits = 0  # commits that ended their request, run as one row
+        self.dg_head_rows = 0  # rows the vocabulary head ran on (canvas rows of denoising steps)
+        self.dg_commit_rows = 0  # committed-token rows run through the model (no head)
+        self.dg_canvas_forwards = 0  # forwards with canvas rows (one head pass, one SC MLP call)
         self.dg_applied = False
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
         self.dg_ready: dict[str, list[int]] = {}  # requests whose next step commits (their ids)
@@ -140,7 +143,10 @@ class DGemmaRunnerMixin:
 
     def dg_runner_stats(self) -> dict:
         return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps,
-                "fused_commits": self.dg_fused_commits, "last_commits": self.dg_last_commits}
+                "fused_commits": self.dg_fused_commits, "last_commits": self.dg_last_commits,
+                "head_rows": self.dg_head_rows, "commit_rows": self.dg_commit_rows,
+                "canvas_forwards": self.dg_canvas_forwards,
+                "self_conditioning_calls": self._dg_model().sc_calls}
 
     def dg_request_stats(self) -> dict[str, dict]:
         """Per-request refinement statistics (live and recently finished requests)."""
@@ -209,6 +215,7 @@ class DGemmaRunnerMixin:
                 committed = st.finish_commit()
                 self.dg_fused_ids[req_id] = committed
                 self.dg_fused_commits += 1
+                self.dg_commit_rows += nc
                 st.start_canvas(m)
                 ids = torch.cat([committed, st.canvas[0]])
                 plan.append((req_id, FUSED, m))
@@ -220,6 +227,7 @@ class DGemmaRunnerMixin:
                 # the first committed position; _sample returns all the committed tokens
                 plan.append((req_id, LAST, 1))
                 self.dg_last_commits += 1
+                self.dg_commit_rows += 1
                 self.input_batch.token_ids_cpu[row, start] = int(st.commit[0])
                 continue
             want = st.length if st.canvas is not None else canvas_positions(
@@ -230,6 +238,7 @@ class DGemmaRunnerMixin:
             if st.commit is not None:
                 ids = st.commit
                 plan.append((req_id, COMMIT, n))
+                self.dg_commit_rows += n
             else:
                 if st.canvas is None:
                     k = st.knobs
@@ -315,6 +324,8 @@ class DGemmaRunnerMixin:
         kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
                   normalizer=model.model.normalizer, tile=self.dg_head_tile)
         batch = []
+        self.dg_canvas_forwards += bool(entries)
+        self.dg_head_rows += hidden.shape[0]  # all rows vLLM's logits step handed over
         for req_id, row, off, n in entries:
             st = self.dg_states[req_id]
             rows = hidden[off:off + n]

@@ -15,6 +15,9 @@ def request_stats(llm) -> dict[str, dict]:
 def runner_stats(llm) -> dict:
     """Rank 0's runner counters: ``engine_steps`` (forwards that reached sampling) and
     ``inner_steps`` (extra denoising forwards run inside an engine step), ``fused_commits``
-    (commits run in one forward with the next canvas's first denoising step)."""
+    (commits run in one forward with the next canvas's first denoising step), ``last_commits``
+    (commits that ended their request, run as one row), ``head_rows`` (rows the vocabulary head
+    ran on), ``commit_rows`` (committed-token rows run through the model, no head),
+    ``canvas_forwards`` (forwards holding canvas rows) and ``self_conditioning_calls``."""
     per_worker = llm.collective_rpc("dgemma_runner_stats")
     return per_worker[0] if per_worker else {}

@@ -131,6 +131,7 @@ class DGemmaForBlockDiffusion(nn.Module):
         self.register_buffer("encoder_layer_scalars", torch.ones(n), persistent=False)
         self.register_buffer("decoder_layer_scalars", torch.ones(n), persistent=False)
         self._step: StepInputs | None = None
+        self.sc_calls = 0  # self-conditioning MLP calls (one per forward with canvas rows)
 
     # ------------------------------------------------------------------ runner interface
     def set_step(self, step: StepInputs | None) -> None:
@@ -151,6 +152,7 @@ class DGemmaForBlockDiffusion(nn.Module):
             rows = step.canvas_rows
             soft = step.soft_embeds
             inputs_embeds = inputs_embeds.clone()
+            self.sc_calls += 1
             inputs_embeds[rows] = self.self_conditioning(
                 inputs_embeds[rows], None if soft is None else soft.to(inputs_embeds.dtype))
             is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=inputs_embeds.device)
