@@ -113,6 +113,7 @@ def test_abort_in_the_middle_of_a_canvas(server, client):
                     running = _metric(server, "vllm:num_requests_running")
                     kv = _metric(server, "vllm:kv_cache_usage_perc")
                     break
+    assert running is not None, "the stream ended before any committed text"
     assert running >= 1 and kv > 0
     deadline = time.time() + 30
     while time.time() < deadline:
