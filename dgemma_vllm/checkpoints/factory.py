@@ -29,16 +29,73 @@ from pathlib import Path
 
 S, F = "sliding_attention", "full_attention"
 
-PAD_ID, EOS_ID, BOS_ID, SOT_ID, EOT_ID = 0, 1, 2, 3, 4
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+# Token ids of the release (release-config.md): pad 0, eos 1, bos 2; the turn markers 105 / 106
+# (106 = end of turn, a stop id); 50, the release's third stop id (`<|tool_response>`: the model
+# ends a tool-call turn with it, vLLM's Gemma 4 tool parser reads it so). The other Gemma 4 markers
+# (tool calls, the string quote of tool arguments, the thinking channel) are placed at ids of our
+# choosing below 106; the image markers sit at the top of the vocabulary in the release's order
+# (boi < image < eoi), scaled down from 255999 / 258880 / 258882 of a 262144 vocabulary.
+PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
+SOT_ID, EOT_ID, TOOL_RESPONSE_ID = 105, 106, 50
+EOS_IDS = (EOS_ID, EOT_ID, TOOL_RESPONSE_ID)  # generation_config.json eos_token_id: [1, 106, 50]
+FIXED_SPECIAL_TOKENS = {
+    PAD_ID: "<pad>", EOS_ID: "<eos>", BOS_ID: "<bos>", UNK_ID: "<unk>", MASK_ID: "<mask>",
+    46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>",
+    TOOL_RESPONSE_ID: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>',
+    98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
+    SOT_ID: "<|turn>", EOT_ID: "<turn|>",
+}
+IMAGE_TOKENS = ("<|image>", "<|image|>", "<image|>")  # boi, image soft token, eoi
 
+
+def image_token_ids(vocab_size: int) -> dict[str, int]:
+    """boi / image / eoi ids inside a vocabulary of `vocab_size` (the release's for 262144)."""
+    if vocab_size == 262144:
+        return {"boi_token_id": 255999, "image_token_id": 258880, "eoi_token_id": 258882}
+    return {"boi_token_id": vocab_size - 4, "image_token_id": vocab_size - 2,
+            "eoi_token_id": vocab_size - 1}
+
+
+def special_token_ids(vocab_size: int) -> dict[int, str]:
+    ids = dict(FIXED_SPECIAL_TOKENS)
+    img = image_token_ids(vocab_size)
+    for key, tok in zip(("boi_token_id", "image_token_id", "eoi_token_id"), IMAGE_TOKENS):
+        ids[img[key]] = tok
+    return ids
+
+
+def is_special(token_id: int, vocab_size: int) -> bool:
+    return token_id in special_token_ids(vocab_size)
+
+
+def text_token_ids(vocab_size: int, lo: int = 0) -> list[int]:
+    """Ids >= `lo` that are no special token (for random prompts of tests and benchmarks)."""
+    sp = special_token_ids(vocab_size)
+    return [i for i in range(lo, vocab_size) if i not in sp]
+
+
+# Gemma 4's turn format (`<|turn>role\n ... <turn|>\n`, role `model` for the assistant, the
+# thinking channel `<|channel>thought\n ... <channel|>` before an assistant answer that carries
+# `reasoning_content`, `<|think|>` at the start of the system turn when `enable_thinking` is on).
+# A reproduction from vLLM's Gemma 4 parsers, not the release's file (README: known differences).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set sys = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
+    "{% if sys is not none or enable_thinking is defined and enable_thinking %}"
+    "<|turn>system\n{% if enable_thinking is defined and enable_thinking %}<|think|>{% endif %}"
+    "{{ (sys or '') | trim }}<turn|>\n"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "<|turn>{{ role }}\n"
+    "{% if role == 'model' and message.get('reasoning_content') %}"
+    "<|channel>thought\n{{ message['reasoning_content'] | trim }}<channel|>"
+    "{% endif %}"
+    "{{ (message['content'] or '') | trim }}<turn|>\n"
+    "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
 
 # Sampler defaults of the released generation_config.json (semantics sheet, section C).
@@ -162,29 +219,71 @@ def text_config_kwargs(geo: Geometry) -> dict:
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1_000_000.0},
+        },
         **geo.extra,
     )
 
 
-def _vision_config() -> dict:
-    # A one-layer stub: the release carries a vision tower, the plugin skips it (text only).
+def vision_config_kwargs(geo: Geometry) -> dict:
+    """The release's Gemma 4 vision tower config (release-config.md), scaled down except for the
+    `full` geometry; the image settings (patch 16, pooling 3, standardize, no clipped linears,
+    rope theta 100) are the release's at every size."""
+    full = geo.vocab_size == 262144
     return dict(
-        model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
-        position_embedding_size=64, pooling_kernel_size=2,
+        model_type="gemma4_vision",
+        hidden_size=1152 if full else 32, intermediate_size=4304 if full else 64,
+        num_hidden_layers=27 if full else 1, num_attention_heads=16 if full else 2,
+        num_key_value_heads=16 if full else 2, head_dim=72 if full else 16,
+        patch_size=16, pooling_kernel_size=3, position_embedding_size=10240 if full else 64,
+        standardize=True, use_clipped_linears=False, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 100.0},
     )
+
+
+def soft_tokens_per_image(geo: Geometry) -> int:
+    return 280 if geo.vocab_size == 262144 else 16
 
 
 def diffusion_config(geo: Geometry, with_vision: bool = True):
     from transformers import DiffusionGemmaConfig
 
     return DiffusionGemmaConfig(
-        text_config=text_config_kwargs(geo),
-        vision_config=_vision_config() if with_vision else None,
+        # the release: image tokens attend bidirectionally within their image, text causally
+        text_config={**text_config_kwargs(geo), "use_bidirectional_attention": "vision"},
+        vision_config=vision_config_kwargs(geo) if with_vision else None,
         canvas_length=geo.canvas_length,
         tie_word_embeddings=True,
         architectures=["DiffusionGemmaForBlockDiffusion"],
+        eos_token_id=list(EOS_IDS),
+        vision_soft_tokens_per_image=soft_tokens_per_image(geo),
+        **image_token_ids(geo.vocab_size),
     )
+
+
+def _release_config_json(out: Path, geo: Geometry, dtype: str) -> None:
+    """Fields the release's config.json carries that `save_pretrained` does not write as the
+    release has them: the text config's `final_logit_softcapping` (a class attribute in
+    transformers, so never saved), `global_head_dim` / `num_global_key_value_heads` (folded into
+    `per_layer_config` on save), its `dtype`, and the vision rope as written in the release
+    (transformers normalises `default` to `axial` on load)."""
+    p = out / "config.json"
+    cfg = json.loads(p.read_text())
+    t = cfg["text_config"]
+    t["final_logit_softcapping"] = 30.0
+    t["global_head_dim"] = geo.global_head_dim
+    t["num_global_key_value_heads"] = geo.num_global_key_value_heads
+    t["dtype"] = dtype
+    cfg["dtype"] = dtype
+    if "vision_config" in cfg and cfg["vision_config"] is not None:
+        cfg["vision_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 100.0}
+    p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def generation_config(geo: Geometry, **sampler_overrides):
@@ -202,9 +301,8 @@ def generation_config(geo: Geometry, **sampler_overrides):
         t_max=s["t_max"],
         stability_threshold=s["stability_threshold"],
         confidence_threshold=s["confidence_threshold"],
-        bos_token_id=BOS_ID,
         pad_token_id=PAD_ID,
-        eos_token_id=[EOS_ID, EOT_ID],
+        eos_token_id=list(EOS_IDS),
     )
 
 
@@ -223,43 +321,58 @@ Answer: because air scatters blue light more than red light. Thank you! You are 
 
 
 def build_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer trained on a small embedded corpus, padded to `vocab_size`
-    with ``<unused_k>`` entries so that every model id decodes to something."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer trained on a small embedded corpus, with the release's special
+    tokens at the release's ids (``special_token_ids``) and padded to `vocab_size` with
+    ``<unused_k>`` entries, so that every model id decodes to something."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    specials = special_token_ids(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    target = min(vocab_size, 2048)
     trainer = trainers.BpeTrainer(
-        vocab_size=target,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=min(vocab_size, 2048) - len(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     data = json.loads(tok.to_str())
-    vocab: dict[str, int] = data["model"]["vocab"]
-    if len(vocab) > vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet + specials ({len(vocab)})")
+    trained = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
+    if len(trained) + len(specials) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet + specials "
+                         f"({len(trained) + len(specials)})")
+    # the special tokens at their fixed ids, the trained pieces in their order at the free ids
+    free = (i for i in range(vocab_size) if i not in specials)
+    vocab = {t: i for i, t in specials.items()}
+    for (piece, _), i in zip(trained, free):
+        vocab[piece] = i
     k = 0
-    while len(vocab) < vocab_size:
-        vocab[f"<unused_{k}>"] = len(vocab)
+    for i in free:
+        vocab[f"<unused_{k}>"] = i
         k += 1
-    for i, t in enumerate(SPECIAL_TOKENS):
-        assert vocab[t] == i, (t, vocab[t])
-    return Tokenizer.from_str(json.dumps(data))
+    data["model"]["vocab"] = vocab
+    data["added_tokens"] = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True} for i, t in sorted(specials.items())]
+    out = Tokenizer.from_str(json.dumps(data))
+    # Gemma's tokenizers put <bos> in front of every encoded text (add_bos_token)
+    out.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)])
+    return out
 
 
 def save_tokenizer(out: Path, vocab_size: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
+    specials = special_token_ids(vocab_size)
+    named = {PAD_ID, EOS_ID, BOS_ID, UNK_ID}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer(vocab_size),
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        unk_token="<unk>",
+        additional_special_tokens=[t for i, t in sorted(specials.items()) if i not in named],
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
@@ -285,7 +398,7 @@ def _perturb_(model, geo: Geometry, seed: int) -> None:
 
 
 def _write(model_cls, cfg, gen, geo: Geometry, out: Path, *, seed: int, dtype: str,
-           config_only: bool, **save_kwargs) -> None:
+           config_only: bool, release_json: bool = False, **save_kwargs) -> None:
     """Config, generation config, tokenizer and (unless `config_only`) random weights."""
     import torch
 
@@ -300,6 +413,8 @@ def _write(model_cls, cfg, gen, geo: Geometry, out: Path, *, seed: int, dtype: s
         model.save_pretrained(out, **save_kwargs)
     gen.save_pretrained(out)
     save_tokenizer(out, geo.vocab_size)
+    if release_json:
+        _release_config_json(out, geo, dtype)
 
 
 def make_diffusion_checkpoint(
@@ -307,7 +422,7 @@ def make_diffusion_checkpoint(
     geometry: str | Geometry = "tiny",
     *,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str = "bfloat16",
     max_shard_size: str | None = None,
     config_only: bool = False,
     sampler_overrides: dict | None = None,
@@ -323,7 +438,7 @@ def make_diffusion_checkpoint(
     gen = generation_config(geo, **(sampler_overrides or {}))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     _write(DiffusionGemmaForBlockDiffusion, diffusion_config(geo), gen, geo, out, seed=seed,
-           dtype=dtype, config_only=config_only, **kwargs)
+           dtype=dtype, config_only=config_only, release_json=True, **kwargs)
     (out / "dgemma_geometry.json").write_text(json.dumps(asdict(geo), indent=2))
     return out
 
@@ -333,7 +448,7 @@ def make_autoregressive_checkpoint(
     geometry: str | Geometry = "tiny",
     *,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str = "bfloat16",
     config_only: bool = False,
     **geometry_overrides,
 ) -> Path:
@@ -354,16 +469,21 @@ def make_autoregressive_checkpoint(
         tie_word_embeddings=True,
         architectures=["Gemma4ForCausalLM"],
     )
-    gen = GenerationConfig(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=[EOS_ID, EOT_ID])
+    gen = GenerationConfig(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=list(EOS_IDS))
     _write(Gemma4ForCausalLM, cfg, gen, geo, out, seed=seed, dtype=dtype, config_only=config_only)
     return out
+
+
+FACTORY_VERSION = 2
 
 
 def cached_checkpoint(geometry: str = "tiny", kind: str = "diffusion", root: str | os.PathLike | None = None,
                       **kwargs) -> Path:
     """Build a checkpoint once and reuse it (keyed by geometry, kind and arguments)."""
     root = Path(root or os.environ.get("DGEMMA_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
-    key = "-".join([kind, geometry] + [f"{k}={v}" for k, v in sorted(kwargs.items())]).replace("/", "_")
+    # FACTORY_VERSION: bumped whenever what the factory writes changes (stale caches are not reused)
+    key = "-".join([f"v{FACTORY_VERSION}", kind, geometry]
+                   + [f"{k}={v}" for k, v in sorted(kwargs.items())]).replace("/", "_")
     out = root / "checkpoints" / key
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
@@ -393,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="; ".join(f"{k}: {v.note}" for k, v in GEOMETRIES.items()))
     p.add_argument("--kind", default="diffusion", choices=["diffusion", "autoregressive"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default bfloat16, as the release)")
     p.add_argument("--max-shard-size", default=None, help='e.g. "200KB" to write sharded weights')
     p.add_argument("--config-only", action="store_true", help="write config/tokenizer, no weights")
     a = p.parse_args(argv)

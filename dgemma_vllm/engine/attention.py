@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from . import vllm_api
 
-CPUAttentionBackend, CPUAttentionBackendImpl, _ops = vllm_api.cpu_attention_classes()
+(CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder,
+ _ops) = vllm_api.cpu_attention_classes()
 
 BACKEND_NAME = "DGEMMA_CPU_ATTN"
 CANVAS_WINDOWS = ("reference", "symmetric")
@@ -41,45 +42,75 @@ def set_canvas_window(mode: str) -> None:
     _canvas_window = mode
 
 
-_layout_cache: dict[str, bool] = {}
+_layout_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_DIGIT = 64  # probe values 1..64 (+64 for the second head): exact in bf16, fp16 and fp32
 
 
-def _k_is_transposed(isa: str, dtype: torch.dtype) -> bool:
-    """Find, once per ISA, how the kernel lays K out inside a block: write known values with
-    vLLM's own cache op and see which reading gives them back. Raises if neither does."""
-    key = f"{isa}:{dtype}"
+class KVLayoutError(RuntimeError):
+    pass
+
+
+def kv_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int):
+    """Where vLLM's CPU cache op puts each (token offset, dim) of K and of V inside one block of
+    one KV head, for this ISA, dtype and geometry: ``(k_pos, v_pos)``, two int64 ``[block_size,
+    head_dim]`` maps into the block's ``block_size * head_dim`` entries of its K (V) half.
+
+    Found by writing known values with vLLM's own op, not assumed: the ``vec`` kernels store K
+    transposed inside a block, the ``amx`` kernels (bf16 on CPUs with AMX tiles) pack it in their
+    own tile order, ``vec16`` / ``neon`` store it plainly. Each entry's index (token offset *
+    head_dim + dim) is written in base-64 digits, one pass a digit, two heads and two blocks, and
+    read back; anything but a permutation that is the same in every block and head raises
+    ``KVLayoutError`` (at engine start: the builder asks for it)."""
+    key = (isa, dtype, block_size, head_dim)
     if key in _layout_cache:
         return _layout_cache[key]
-    nb, h, bs, d = 2, 1, 32, 32
-    kv = torch.zeros(nb, h, bs, 2 * d, dtype=dtype)
-    kc, vc = kv.view(nb, h, 2 * bs, d).chunk(2, dim=2)
-    t = 40
-    k = torch.arange(1, t * h * d + 1, dtype=torch.float32).view(t, h, d).to(dtype) / 64
-    slots = torch.arange(t, dtype=torch.long) + 3
-    _ops.cpu_attn_reshape_and_cache(k, -k, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
-                                    kv_cache_dtype="auto")
-    found = None
-    for transposed in (False, True):
-        if torch.equal(_gather(kc, slots, transposed), k):
-            found = transposed
-            break
-    if found is None or not torch.equal(_gather(vc, slots, False), -k):
-        raise RuntimeError(f"dgemma_vllm: unknown CPU KV-cache layout for isa={isa!r}; "
-                           "use canvas_window='symmetric'")
-    _layout_cache[key] = found
-    return found
+    nb, h, bs, d = 2, 2, block_size, head_dim
+    n = bs * d
+    index = torch.arange(n).view(bs, d)
+    passes = 1
+    while _DIGIT ** passes < n:
+        passes += 1
+    code_k = torch.zeros(nb, h, n, dtype=torch.long)
+    code_v = torch.zeros(nb, h, n, dtype=torch.long)
+    slots = torch.arange(nb * bs, dtype=torch.long)
+    head_off = (torch.arange(h) * _DIGIT).view(1, h, 1)
+    for p in range(passes):
+        digit = (index // _DIGIT ** p) % _DIGIT  # [bs, d] in 0..63
+        k = (digit.repeat(nb, 1)[:, None, :] + 1 + head_off).to(dtype)  # [nb*bs, h, d]
+        kv = torch.zeros(nb, h, bs, 2 * d, dtype=dtype)
+        kc, vc = kv.view(nb, h, 2 * bs, d).chunk(2, dim=2)
+        _ops.cpu_attn_reshape_and_cache(k, -k, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
+                                        kv_cache_dtype="auto")
+        for code, half, sign in ((code_k, kc, 1), (code_v, vc, -1)):
+            raw = (half.reshape(nb, h, n).float() * sign).round().long() - 1 - head_off
+            if raw.min() < 0 or raw.max() >= _DIGIT:
+                raise KVLayoutError(f"dgemma_vllm: unknown CPU KV-cache layout for isa={isa!r} "
+                                    f"(values outside the block's half); use "
+                                    "dgemma_canvas_window='symmetric'")
+            code += raw * _DIGIT ** p
+    maps = []
+    for code in (code_k, code_v):
+        ref = code[0, 0]
+        if not bool((code == ref).all()) or not torch.equal(torch.sort(ref).values, torch.arange(n)):
+            raise KVLayoutError(f"dgemma_vllm: unknown CPU KV-cache layout for isa={isa!r} "
+                                "(not one permutation per block and head); use "
+                                "dgemma_canvas_window='symmetric'")
+        pos = torch.empty(n, dtype=torch.long)
+        pos[ref] = torch.arange(n)  # entry index -> its place in the block
+        maps.append(pos.view(bs, d))
+    _layout_cache[key] = (maps[0], maps[1])
+    return _layout_cache[key]
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """Read ``[n, kv_heads, head_dim]`` at `slots` from one half (K or V) of a CPU cache view
-    ``[blocks, kv_heads, block_size, head_dim]`` (copies only the blocks it touches)."""
-    _, h, bs, d = cache.shape
+def _gather(cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[n, kv_heads, head_dim]`` at `slots` from one half (K or V) of a CPU cache view
+    ``[blocks, kv_heads, block_size, head_dim]`` laid out as `pos` (``kv_layout``); reads only
+    those entries."""
+    nb, h, bs, d = cache.shape
+    flat = cache.view(nb, h, bs * d)  # the block's half is contiguous: no copy
     blk, off = slots // bs, slots % bs
-    used, inv = torch.unique(blk, return_inverse=True)
-    blocks = cache[used]  # [u, h, bs, d], contiguous copy of the touched blocks
-    if transposed:  # K block interior stored as [head_dim, block_size]
-        return blocks.reshape(len(used), h, d, bs)[inv, :, :, off]
-    return blocks[inv, :, off, :]
+    heads = torch.arange(h, device=cache.device)
+    return flat[blk[:, None, None], heads[None, :, None], pos.to(cache.device)[off][:, None, :]]
 
 
 class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -103,8 +134,8 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         seq_lens = md.seq_lens.tolist()
         nb, h, bs, _ = kv_cache.shape
         k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
-        transposed = _k_is_transposed(layer.isa, kv_cache.dtype)
         d = self.head_size
+        k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, d)  # probed at start-up
         for i in canvas:
             q0, q1 = qsl[i], qsl[i + 1]
             c = q1 - q0
@@ -116,8 +147,8 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             pos = torch.arange(start, seq, dtype=torch.long)
             bt = md.block_table[i]
             slots = bt[pos // bs].long() * bs + pos % bs
-            k = _gather(k_cache, slots, transposed).float()  # [n, kvh, d]
-            v = _gather(v_cache, slots, False).float()
+            k = _gather(k_cache, slots, k_pos).float()  # [n, kvh, d]
+            v = _gather(v_cache, slots, v_pos).float()
             q = query[q0:q1].view(c, self.num_heads, d).float()
             rep = self.num_heads // self.num_kv_heads
             k = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, n, d]
@@ -126,10 +157,31 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             out[q0:q1] = o.transpose(0, 1).reshape(out[q0:q1].shape).to(out.dtype)
 
 
+class DGemmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's builder; at construction (engine start, once per KV-cache group) it probes the
+    cache layout the exact canvas window reads (``kv_layout``), so that a layout the plugin does
+    not know stops the engine at start-up with a message instead of the first canvas."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if _canvas_window != "reference" or self.window_size in (None, -1):
+            return
+        if self.kv_cache_dtype not in ("auto", None) and "fp8" in str(self.kv_cache_dtype):
+            raise ValueError("dgemma_vllm: the exact canvas window reads the KV cache back and "
+                             f"does not read kv_cache_dtype={self.kv_cache_dtype!r}; use "
+                             "kv_cache_dtype='auto' or dgemma_canvas_window='symmetric'")
+        cache_dtype = self.dtype
+        kv_layout(self.isa, cache_dtype, self.block_size, self.head_dim)
+
+
 class DGemmaCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return BACKEND_NAME
+
+    @staticmethod
+    def get_builder_cls():
+        return DGemmaCPUAttentionMetadataBuilder
 
     @staticmethod
     def get_impl_cls():

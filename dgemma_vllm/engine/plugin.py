@@ -14,6 +14,7 @@ def register() -> None:
     if _done:
         return
     _done = True
+    request_amx_permission()
     # The plugin drives the V1 model runner (the CUDA build defaults to V2 from 0.33 on).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from . import vllm_api as V
@@ -32,6 +33,23 @@ def register() -> None:
             from . import attention  # noqa: F401  (registers the canvas-aware CPU backend)
     except ImportError:
         pass
+
+
+def request_amx_permission() -> bool:
+    """Ask the Linux kernel for AMX tile state in this process where the CPU has AMX tiles
+    (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, through torch's ``torch.cpu._init_amx``). vLLM's CPU
+    build runs AMX kernels for bf16 (attention ``isa="amx"``, GEMMs, MoE) without asking, and a
+    process that was never granted the state dies of SIGILL at its first tile instruction (seen
+    on Linux 6.x). Idempotent; True where permission is held. Runs in every vLLM process: the
+    plugin entry point is loaded in each."""
+    try:
+        import torch
+
+        if not torch.cpu._is_amx_tile_supported():
+            return False
+        return bool(torch.cpu._init_amx())
+    except (AttributeError, RuntimeError, OSError):
+        return False
 
 
 def cpu_ray_platform() -> None:

@@ -46,12 +46,14 @@ LAST = "last"  # the commit that ends the request: one row computed, all its tok
 def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
     """Attention metadata in which each fused request (row -> ``nc`` committed tokens) is two
     sequences over the same block table: its ``nc`` committed rows, causal, with context up to
-    them, then its canvas rows, bidirectional, with context up to the canvas end. Every other
-    per-request field is repeated for the second half; token-level fields are unchanged (the
-    rows and slots are the same tokens)."""
+    them, then its canvas rows, bidirectional, with context up to the canvas end. Every field of
+    ``CommonAttentionMetadata`` is handled as ``vllm_api.SPLIT_*_FIELDS`` lists it (the config hook
+    turns fusion off at start-up for a vLLM whose metadata has fields beyond those)."""
     n = cm.num_reqs
     qsl = cm.query_start_loc_cpu.tolist()
-    seq_cpu = cm.seq_lens.cpu().tolist()
+    # the exact sequence lengths on the host (synchronous scheduling: the "upper bound" is exact)
+    seq_src = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
+    seq_cpu = seq_src[:n].tolist()
     idx, new_qsl, new_seq, new_causal = [], [0], [], []
     flags = causal.tolist()
     for r in range(n):
@@ -68,29 +70,35 @@ def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
             new_seq.append(seq_cpu[r])
             new_causal.append(flags[r])
     dev = cm.query_start_loc.device
-    index = torch.tensor(idx, dtype=torch.long)
     qsl_cpu = torch.tensor(new_qsl, dtype=cm.query_start_loc_cpu.dtype)
     seq_t = torch.tensor(new_seq, dtype=cm.seq_lens.dtype)
+    ranges = cm.mm_req_doc_ranges
+    if ranges is not None:  # request index -> its ranges, for each of its sequences
+        ranges = {j: list(ranges[r]) for j, r in enumerate(idx) if r in ranges}
     changes = dict(
         num_reqs=len(idx), query_start_loc=qsl_cpu.to(dev), query_start_loc_cpu=qsl_cpu,
-        seq_lens=seq_t.to(cm.seq_lens.device), causal=torch.tensor(new_causal, dtype=torch.int32).to(dev),
+        seq_lens=seq_t.to(cm.seq_lens.device),
+        seq_lens_cpu_upper_bound=None if cm.seq_lens_cpu_upper_bound is None else seq_t.clone(),
+        causal=torch.tensor(new_causal, dtype=torch.int32).to(dev),
         max_query_len=int(max(b - a for a, b in zip(new_qsl, new_qsl[1:]))),
         max_seq_len=max(cm.max_seq_len, max(new_seq)),
-        block_table_tensor=cm.block_table_tensor.index_select(0, index.to(cm.block_table_tensor.device)),
+        block_table_tensor=_take_rows(cm.block_table_tensor, idx),
+        mm_req_doc_ranges=ranges,
     )
-    for f in dataclasses.fields(cm):
-        if f.name in changes or f.name in V.TOKEN_LEVEL_ATTN_FIELDS:
-            continue
-        v = getattr(cm, f.name)
-        if f.name.startswith("_"):
-            changes[f.name] = None  # caches derived from the old layout
-        elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
-            changes[f.name] = v.index_select(0, index.to(v.device))
-        elif isinstance(v, np.ndarray) and v.ndim > 0 and v.shape[0] == n:
-            changes[f.name] = v[idx]
-        elif isinstance(v, dict) and v:
-            raise NotImplementedError(f"dgemma_vllm: cannot split attention metadata field {f.name}")
+    for name in V.SPLIT_REPEATED_FIELDS:
+        v = getattr(cm, name)
+        if v is not None:
+            changes[name] = _take_rows(v, idx)
+    for name in V.SPLIT_DROPPED_FIELDS:
+        changes[name] = None
     return dataclasses.replace(cm, **changes)
+
+
+def _take_rows(v, idx: list[int]):
+    """Rows `idx` of a per-request tensor or array (on its own device)."""
+    if isinstance(v, np.ndarray):
+        return v[idx]
+    return v.index_select(0, torch.tensor(idx, dtype=torch.long).to(v.device))
 
 
 class DGemmaRunnerMixin:

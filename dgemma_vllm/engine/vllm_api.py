@@ -98,9 +98,38 @@ from vllm.sampling_params import RequestOutputKind  # noqa: F401
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs  # noqa: F401
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SamplerOutput  # noqa: F401
 
-# per-token (not per-request) fields of CommonAttentionMetadata: left alone when one request is
-# split into two attention sequences
-TOKEN_LEVEL_ATTN_FIELDS = ("slot_mapping", "positions", "logits_indices_padded")
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: F401,E402
+
+# How the fused-commit split (runner.split_fused) treats every field of CommonAttentionMetadata
+# (v1/attention/backend.py:387 in 0.32; unchanged in 0.33). One request becomes two attention
+# sequences over the same block table (its committed rows, then its canvas rows):
+# - rebuilt for the new sequences: the per-sequence layout and its CPU mirrors, the causal flags,
+#   the multimodal prefix-LM ranges (``mm_req_doc_ranges``: request index -> position ranges, an
+#   empty dict for text requests of a checkpoint with ``use_bidirectional_attention: "vision"``);
+SPLIT_REBUILT_FIELDS = ("query_start_loc", "query_start_loc_cpu", "seq_lens",
+                        "seq_lens_cpu_upper_bound", "num_reqs", "max_query_len", "max_seq_len",
+                        "block_table_tensor", "causal", "mm_req_doc_ranges")
+# - per token or per batch, the same for the split (the rows and slots are the same tokens);
+SPLIT_TOKEN_LEVEL_FIELDS = ("num_actual_tokens", "slot_mapping", "positions",
+                            "logits_indices_padded", "num_logits_indices", "max_logits_per_req")
+# - per request, repeated for the second sequence (its value holds for both halves: prefill
+#   flag, prompt length, request-table index, encoder lengths, Mamba ring origin);
+SPLIT_REPEATED_FIELDS = ("is_prefilling", "rswa_prefix_lens", "req_idx", "encoder_seq_lens",
+                         "encoder_seq_lens_cpu", "replayssm_decode_base_cpu")
+# - caches derived from the old layout, dropped (recomputed on demand);
+SPLIT_DROPPED_FIELDS = ("_num_computed_tokens_cache", "_token_to_req_indices_cache")
+# - decode context parallelism's local lengths: DCP is refused at start-up (config.py).
+SPLIT_REFUSED_FIELDS = ("dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound")
+
+
+def unknown_attention_metadata_fields() -> list[str]:
+    """Fields of this vLLM's CommonAttentionMetadata the split does not know (a newer vLLM):
+    the config hook then turns commit fusion off rather than guess (start-up, not per step)."""
+    import dataclasses
+
+    known = set(SPLIT_REBUILT_FIELDS + SPLIT_TOKEN_LEVEL_FIELDS + SPLIT_REPEATED_FIELDS
+                + SPLIT_DROPPED_FIELDS + SPLIT_REFUSED_FIELDS)
+    return sorted(f.name for f in dataclasses.fields(CommonAttentionMetadata) if f.name not in known)
 
 # --- metrics ------------------------------------------------------------------------------
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase  # noqa: F401
@@ -182,14 +211,20 @@ def gpu_worker_classes():
 
 
 def cpu_attention_classes():
-    """(CPUAttentionBackend, CPUAttentionBackendImpl, cpu ops module)."""
+    """(CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder, cpu ops
+    module). The builder picks the kernel ISA (``_get_attn_isa``: ``amx`` for bf16 on CPUs with
+    AMX tiles and block sizes that are multiples of 32, ``vec`` on other x86 with such blocks,
+    ``vec16`` otherwise, ``neon`` on ARM) and keeps it as ``isa``, with ``dtype``,
+    ``block_size``, ``head_dim``, ``window_size`` and ``kv_cache_dtype``
+    (v1/attention/backends/cpu_attn.py:131-162)."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import (
         CPUAttentionBackend,
         CPUAttentionBackendImpl,
+        CPUAttentionMetadataBuilder,
     )
 
-    return CPUAttentionBackend, CPUAttentionBackendImpl, ops
+    return CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder, ops
 
 
 def register_attention_backend(name: str, class_path: str) -> None:
