@@ -93,7 +93,10 @@ def cpu_name() -> str:
 
 def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rnd = random.Random(seed)
-    return [[rnd.randrange(5, vocab) for _ in range(length)] for _ in range(n)]
+    from dgemma_vllm.checkpoints.factory import text_token_ids
+
+    words = text_token_ids(vocab, 5)  # no special tokens (turn, tool or image markers)
+    return [[rnd.choice(words) for _ in range(length)] for _ in range(n)]
 
 
 def summarize(system, mode, conc, steps, tokens, wall, latencies, ttfts, peak, extra=None):

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from conftest import checkpoint
 from dgemma_vllm.checkpoints.factory import (
-    EOS_ID, EOT_ID, PAD_ID, make_autoregressive_checkpoint, make_diffusion_checkpoint)
+    EOS_ID, EOS_IDS, PAD_ID, make_autoregressive_checkpoint, make_diffusion_checkpoint)
 
 
 def _keys(path):
@@ -46,15 +46,97 @@ def test_generation_config_and_tokenizer(tiny_ckpt):
     from transformers import AutoTokenizer
 
     gen = json.loads((tiny_ckpt / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == [EOS_ID, EOT_ID] and gen["pad_token_id"] == PAD_ID
+    assert gen["eos_token_id"] == list(EOS_IDS) == [1, 106, 50] and gen["pad_token_id"] == PAD_ID
     assert gen["max_denoising_steps"] == 48 and gen["sampler_config"]["entropy_bound"] == 0.1
     tok = AutoTokenizer.from_pretrained(tiny_ckpt)
     assert len(tok) == 512 and tok.eos_token_id == EOS_ID
-    text = tok.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
-                                   add_generation_prompt=True)
-    assert text.startswith("<bos><start_of_turn>user\nHello<end_of_turn>\n") and text.endswith("model\n")
+    # the release's special tokens at the release's ids, the image markers inside the vocabulary
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    assert tok.convert_ids_to_tokens([0, 1, 2, 50, 105, 106]) == [
+        "<pad>", "<eos>", "<bos>", "<|tool_response>", "<|turn>", "<turn|>"]
+    assert tok.convert_ids_to_tokens([cfg["boi_token_id"], cfg["image_token_id"], cfg["eoi_token_id"]]) == [
+        "<|image>", "<|image|>", "<image|>"]
+    assert cfg["boi_token_id"] < cfg["image_token_id"] < cfg["eoi_token_id"] < 512
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Hello"},
+                                    {"role": "assistant", "content": "Hi", "reasoning_content": "greet"},
+                                    {"role": "user", "content": "Bye"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == ("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHello<turn|>\n"
+                    "<|turn>model\n<|channel>thought\ngreet<channel|>Hi<turn|>\n"
+                    "<|turn>user\nBye<turn|>\n<|turn>model\n")
+    think = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                    add_generation_prompt=True, enable_thinking=True)
+    assert think.startswith("<bos><|turn>system\n<|think|><turn|>\n")
     ids = tok("The quick brown fox")["input_ids"]
-    assert tok.decode(ids) == "The quick brown fox"
+    assert ids[0] == 2 and ids.count(2) == 1  # <bos> first, as Gemma's tokenizers
+    assert tok.decode(ids, skip_special_tokens=True) == "The quick brown fox"
+
+
+# The release's config.json and generation_config.json as recorded in
+# ../shared/reference/release-config.md (transcribed here by hand, so a drift of the factory fails).
+RELEASE_TOP = {
+    "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+    "canvas_length": 256, "eos_token_id": [1, 106, 50], "boi_token_id": 255999,
+    "eoi_token_id": 258882, "image_token_id": 258880, "vision_soft_tokens_per_image": 280,
+    "tie_word_embeddings": True,
+}
+RELEASE_TEXT = {
+    "model_type": "diffusion_gemma_text", "dtype": "bfloat16", "hidden_size": 2816,
+    "num_hidden_layers": 30, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+    "global_head_dim": 512, "num_global_key_value_heads": 2, "intermediate_size": 2112,
+    "num_experts": 128, "top_k_experts": 8, "moe_intermediate_size": 704,
+    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "final_logit_softcapping": 30.0,
+    "attention_bias": False, "sliding_window": 1024, "max_position_embeddings": 262144,
+    "vocab_size": 262144, "use_bidirectional_attention": "vision", "pad_token_id": 0,
+    "bos_token_id": 2, "eos_token_id": 1,
+    "rope_parameters": {
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5,
+}
+RELEASE_VISION = {
+    "model_type": "gemma4_vision", "hidden_size": 1152, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 72, "intermediate_size": 4304,
+    "patch_size": 16, "pooling_kernel_size": 3, "position_embedding_size": 10240, "standardize": True,
+    "use_clipped_linears": False, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0},
+    "rms_norm_eps": 1e-6,
+}
+RELEASE_GENERATION = {
+    "max_new_tokens": 256, "max_denoising_steps": 48,
+    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+    "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
+    "eos_token_id": [1, 106, 50], "pad_token_id": 0,
+}
+
+
+def _check(got: dict, want: dict, where: str) -> None:
+    for k, v in want.items():
+        assert k in got, f"{where}.{k} missing"
+        assert got[k] == v, f"{where}.{k}: factory {got[k]!r}, release {v!r}"
+
+
+def test_full_config_is_the_release(tmp_path):
+    """The `full` geometry's config.json and generation_config.json hold every value the release
+    records; the full layers have no v_proj and use the global head geometry."""
+    p = make_diffusion_checkpoint(tmp_path / "full", "full", config_only=True)
+    cfg = json.loads((p / "config.json").read_text())
+    _check(cfg, RELEASE_TOP, "config")
+    _check(cfg["text_config"], RELEASE_TEXT, "text_config")
+    _check(cfg["vision_config"], RELEASE_VISION, "vision_config")
+    gen = json.loads((p / "generation_config.json").read_text())
+    _check(gen, RELEASE_GENERATION, "generation_config")
+    for k in ("top_k", "top_p", "temperature"):
+        assert k not in gen
+    # the structure holds at small sizes too: same keys, same non-size values
+    small = json.loads((make_diffusion_checkpoint(tmp_path / "t", "tiny", config_only=True)
+                        / "config.json").read_text())
+    assert set(small) == set(cfg) and set(small["text_config"]) == set(cfg["text_config"])
+    assert set(small["vision_config"]) == set(cfg["vision_config"])
+    for k in ("use_bidirectional_attention", "hidden_activation", "rope_parameters", "dtype",
+              "final_logit_softcapping", "rms_norm_eps", "attention_bias"):
+        assert small["text_config"][k] == cfg["text_config"][k], k
+    assert small["eos_token_id"] == [1, 106, 50]
 
 
 def test_sharded_and_reloadable(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import start_llm, stop_llm
 from dgemma_vllm import reference as ref
-from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+from dgemma_vllm.checkpoints.factory import EOS_IDS
 
 PROMPT = [9, 30, 41, 77, 120, 7, 8]
 STEPS = {"diffusion_max_steps": 3}
@@ -38,7 +38,7 @@ def reference_tokens(model, seed, n, prompt=PROMPT):
 
 def test_stop_token_ids_cut_inside_a_canvas(llm, model):
     want = reference_tokens(model, 5, 48)
-    assert not any(t in (EOS_ID, EOT_ID) for t in want[:21])
+    assert not any(t in EOS_IDS for t in want[:21])
     stop = want[20]
     first = want.index(stop)
     o = gen(llm, max_tokens=48, seed=5, stop_token_ids=[stop])
@@ -116,7 +116,7 @@ def test_batch_equals_solo_and_requests_join_between_steps(llm, model):
               for i, s in enumerate(seeds)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for p, sp, o in zip(prompts, params, outs):
-        want = ref.expected_tokens(model, p, sp.seed, sp.max_tokens, (EOS_ID, EOT_ID),
+        want = ref.expected_tokens(model, p, sp.seed, sp.max_tokens, EOS_IDS,
                                    max_denoising_steps=3)
         assert list(o.outputs[0].token_ids) == want
 
@@ -131,7 +131,7 @@ def test_seed_canvas_with_pins_is_kept_and_seed_canvas_matches_reference(llm, mo
     o2 = gen(llm, max_tokens=32, seed=9, extra_args={"diffusion_seed_canvas": seed, "diffusion_max_steps": 3})
     import torch
 
-    want = ref.expected_tokens(model, PROMPT, 9, 32, (EOS_ID, EOT_ID), max_denoising_steps=3,
+    want = ref.expected_tokens(model, PROMPT, 9, 32, EOS_IDS, max_denoising_steps=3,
                                decoder_input_ids=torch.tensor([seed]))
     assert list(o2.token_ids) == want
 
@@ -146,7 +146,7 @@ def test_shorter_canvas_per_request(llm, model):
     # reference with an 8-token canvas
     model.config.canvas_length, old = 8, model.config.canvas_length
     try:
-        want = ref.expected_tokens(model, PROMPT, 4, 24, (EOS_ID, EOT_ID), max_denoising_steps=2)
+        want = ref.expected_tokens(model, PROMPT, 4, 24, EOS_IDS, max_denoising_steps=2)
     finally:
         model.config.canvas_length = old
     assert list(o.token_ids)[: len(want)] == want

@@ -135,7 +135,7 @@ def test_fused_tokens_equal_reference(runs, tiny_ckpt):
     """Requests the reference expresses (served canvas length, room under max_model_len) equal
     ``transformers``' generate with the same seed: fusion is exact, not just self-consistent."""
     from dgemma_vllm import reference as ref
-    from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+    from dgemma_vllm.checkpoints.factory import EOS_IDS
 
     model = ref.load_reference(str(tiny_ckpt))
     (_, _), (fused, _) = runs
@@ -147,7 +147,7 @@ def test_fused_tokens_equal_reference(runs, tiny_ckpt):
             continue
         if extra.get("diffusion_stability_threshold") != 0 or sp.temperature != 1.0:
             continue  # stopping thresholds / temperature: covered by tests/test_parity.py
-        eos = () if sp.ignore_eos else (EOS_ID, EOT_ID)
+        eos = () if sp.ignore_eos else EOS_IDS
         want = ref.expected_tokens(model, p["prompt_token_ids"], sp.seed, sp.max_tokens, eos,
                                    max_denoising_steps=extra["diffusion_max_steps"],
                                    stability_threshold=0, confidence_threshold=1e-9)

@@ -231,7 +231,7 @@ def test_engine_with_head_tiles_and_step_groups_equals_reference(tiny_ckpt):
     from vllm import SamplingParams
 
     from dgemma_vllm import reference as ref
-    from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+    from dgemma_vllm.checkpoints.factory import EOS_IDS
 
     model = ref.load_reference(str(tiny_ckpt))
     prompts = [[(17 * i + 3 * j) % 500 + 5 for j in range(4 + 11 * i)] for i in range(4)]
@@ -248,7 +248,7 @@ def test_engine_with_head_tiles_and_step_groups_equals_reference(tiny_ckpt):
     finally:
         stop_llm(llm)
     for p, sp, o in zip(prompts, params, outs):
-        want = ref.expected_tokens(model, p, sp.seed, 40, (EOS_ID, EOT_ID), max_denoising_steps=6)
+        want = ref.expected_tokens(model, p, sp.seed, 40, EOS_IDS, max_denoising_steps=6)
         assert list(o.outputs[0].token_ids) == want
     assert counters["inner_steps"] > 0, counters
     assert all(len(o.outputs[0].token_ids) == 24 for o in unseeded)

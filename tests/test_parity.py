@@ -34,11 +34,10 @@ import torch
 
 from conftest import checkpoint, start_llm, stop_llm
 from dgemma_vllm import reference as ref
-from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID, get_geometry
+from dgemma_vllm.checkpoints.factory import EOS_IDS, get_geometry, text_token_ids
 
 REL_TOL = 1e-4
 ROUTER_TIE = 2e-6  # ~16 fp32 ulps between the k-th and (k+1)-th router probability
-EOS_IDS = (EOS_ID, EOT_ID)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,8 +60,9 @@ def make_requests(geometry: str, n: int = 8, seed: int = 0) -> list[Req]:
     max_tokens = [3 * c, 3 * c - 5, c + 1, 2 * c + 3, 3 * c + 2, c, 2 * c - 1, 3 * c]
     steps = [3, 4, 3, 5, 3, 4, 3, 6]
     reqs = []
+    words = text_token_ids(g.vocab_size, 5)  # no special tokens (turn, tool or image markers)
     for i in range(n):
-        prompt = [rnd.randrange(5, g.vocab_size) for _ in range(lengths[i % 8])]
+        prompt = [rnd.choice(words) for _ in range(lengths[i % 8])]
         reqs.append(Req(prompt, seed=1000 + 17 * i, max_tokens=max_tokens[i % 8], steps=steps[i % 8]))
     return reqs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import start_llm, stop_llm
 from dgemma_vllm import reference as ref
-from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+from dgemma_vllm.checkpoints.factory import EOS_IDS
 
 
 def test_preempted_requests_complete_and_equal_reference(tiny_ckpt):
@@ -25,6 +25,6 @@ def test_preempted_requests_complete_and_equal_reference(tiny_ckpt):
     preemptions = metrics["vllm:num_preemptions"].value
     assert preemptions > 0, "the KV cache was not small enough to force preemption"
     for p, sp, o in zip(prompts, params, outs):
-        want = ref.expected_tokens(model, p, sp.seed, 64, (EOS_ID, EOT_ID), max_denoising_steps=3)
+        want = ref.expected_tokens(model, p, sp.seed, 64, EOS_IDS, max_denoising_steps=3)
         assert list(o.outputs[0].token_ids) == want
     print(f"preemptions: {preemptions}")

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from dgemma_vllm import reference as ref
-from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+from dgemma_vllm.checkpoints.factory import EOS_IDS
 from dgemma_vllm.cli import serve_subprocess
 
 MODEL = "tiny"
@@ -194,7 +194,7 @@ def test_seeded_output_is_the_same_across_runs_and_equals_reference(server, mode
     for prompt, seed, n in PROBES:
         first = _completion(server, prompt, seed, n)
         again = _completion(server, prompt, seed, n)
-        want = ref.expected_tokens(model, prompt, seed, n, (EOS_ID, EOT_ID), max_denoising_steps=3)
+        want = ref.expected_tokens(model, prompt, seed, n, EOS_IDS, max_denoising_steps=3)
         assert first == again == want
 
 
@@ -237,7 +237,7 @@ def test_200_concurrent_requests_complete_with_full_length(server, model):
             assert choice["finish_reason"] == "length"
     for k, (prompt, seed, n) in enumerate(PROBES):
         got = results[50 * k + 10][0].json()["choices"][0]["token_ids"]
-        want = ref.expected_tokens(model, prompt, seed, n, (EOS_ID, EOT_ID), max_denoising_steps=3)
+        want = ref.expected_tokens(model, prompt, seed, n, EOS_IDS, max_denoising_steps=3)
         assert got == want
     p50 = statistics.median(lat)
     p99 = lat[int(0.99 * (len(lat) - 1))]

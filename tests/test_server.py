@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from dgemma_vllm import reference as ref
+from dgemma_vllm.checkpoints.factory import EOS_IDS
 from dgemma_vllm.cli import serve_subprocess
 
 XARGS = {"diffusion_max_steps": 3}
@@ -44,7 +45,7 @@ def test_completion_equals_reference(client, model, tiny_ckpt):
     prompt = [11, 12, 13, 14, 15]
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, seed=21,
                                   extra_body={"vllm_xargs": XARGS})
-    want = ref.expected_tokens(model, prompt, 21, 40, (1, 4), max_denoising_steps=3)
+    want = ref.expected_tokens(model, prompt, 21, 40, EOS_IDS, max_denoising_steps=3)
     assert r.choices[0].text == tok.decode(want, skip_special_tokens=True)
     assert r.usage.completion_tokens == len(want)
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import start_llm, stop_llm
 from dgemma_vllm import reference as ref
-from dgemma_vllm.checkpoints.factory import EOS_ID, EOT_ID
+from dgemma_vllm.checkpoints.factory import EOS_IDS
 
 PROMPTS = [[(11 * i + 5 * j) % 500 + 5 for j in range(3 + 9 * i)] for i in range(4)]
 
@@ -32,7 +32,7 @@ def _generate_and_check(llm, model):
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS + PROMPTS[:2]],
                         params + [unseeded, unseeded], use_tqdm=False)
     for p, sp, o in zip(PROMPTS, params, outs):
-        want = ref.expected_tokens(model, p, sp.seed, 40, (EOS_ID, EOT_ID), max_denoising_steps=3)
+        want = ref.expected_tokens(model, p, sp.seed, 40, EOS_IDS, max_denoising_steps=3)
         assert list(o.outputs[0].token_ids) == want
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs[len(PROMPTS):])
     # both ranks committed the same canvases for every request

@@ -131,6 +131,11 @@ class Geometry:
     max_position_embeddings: int = 8192
     init_std: float = 0.02
     perturb: float = 0.0  # spread of norm weights / scales / layer scalars around 1
+    # factor on the q_norm / k_norm weights: Gemma 4 attends with scaling 1 on unit-RMS q and k,
+    # so random norm weights near 1 give scores of spread ~head_dim and near one-hot attention,
+    # whose winner a bf16 rounding flips (transformers' own bf16 logits then differ from its fp32
+    # ones by ~50%); 0.1 makes the random model well conditioned for bf16 checks (~1%)
+    qk_norm_scale: float = 1.0
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -380,21 +385,22 @@ def save_tokenizer(out: Path, vocab_size: int) -> None:
 
 # ----------------------------------------------------------------------------- weights
 def _perturb_(model, geo: Geometry, seed: int) -> None:
-    """Move norm weights, router scales and the layer scalars away from 1 (deterministically)."""
+    """Move norm weights, router scales and the layer scalars away from 1 (deterministically),
+    then scale the attention q/k norm weights by ``geo.qk_norm_scale``."""
     import torch
 
-    if geo.perturb <= 0:
-        return
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not t.is_floating_point():
                 continue
-            if name.endswith("layer_scalar") or "norm.weight" in name or name.endswith(
-                ("router.scale", "router.per_expert_scale")
-            ):
+            if geo.perturb > 0 and (name.endswith("layer_scalar") or "norm.weight" in name
+                                    or name.endswith(("router.scale", "router.per_expert_scale"))):
                 noise = (torch.rand(t.shape, generator=g) * 2 - 1) * geo.perturb
                 t.copy_((1.0 + noise).to(t.dtype))
+            if geo.qk_norm_scale != 1.0 and name.endswith(("self_attn.q_norm.weight",
+                                                           "self_attn.k_norm.weight")):
+                t.mul_(geo.qk_norm_scale)
 
 
 def _write(model_cls, cfg, gen, geo: Geometry, out: Path, *, seed: int, dtype: str,

@@ -140,6 +140,16 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         if par.worker_cls in (None, "", "auto"):
             par.worker_cls = ("dgemma_vllm.engine.worker.DGemmaCPUWorker" if current_platform.is_cpu()
                               else "dgemma_vllm.engine.worker.DGemmaGPUWorker")
+        for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+            if int(getattr(par, name, 1) or 1) > 1:
+                raise ValueError(f"dgemma_vllm does not support {name}={getattr(par, name)} (context "
+                                 "parallelism splits the canvas' attention sequences); use 1")
+        unknown = V.unknown_attention_metadata_fields()
+        hf = vllm_config.model_config.hf_config
+        if unknown and getattr(hf, "dgemma_fuse_commit", True):
+            logger.warning("dgemma_vllm: this vLLM's attention metadata has fields the fused-commit "
+                           "split does not know (%s): dgemma_fuse_commit is turned off", unknown)
+            hf.dgemma_fuse_commit = False
         # The runner keeps refinement state between steps: synchronous scheduling only.
         if getattr(sched, "async_scheduling", None) is None:
             sched.async_scheduling = False

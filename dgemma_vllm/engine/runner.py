@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from dgemma_vllm.model.dgemma import SOFTCAP, StepInputs
+from dgemma_vllm.model.dgemma import StepInputs, softcap_of
 from dgemma_vllm.refine.head import (compiled_tile_stats, denoise_batch, denoise_step, head_logits,
                                      is_tiled)
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
@@ -131,7 +131,8 @@ class DGemmaRunnerMixin:
         # the head tile's fused elementwise passes, compiled now (engine start), not in a request;
         # not at all where the head never tiles (a vocabulary within one tile, one rank)
         tiled = is_tiled(self.dg_vocab, self.parallel_config.tensor_parallel_size, self.dg_head_tile)
-        self.dg_tile_stats = (compiled_tile_stats(SOFTCAP, mc.dtype)
+        self.dg_softcap = softcap_of(mc.hf_config)
+        self.dg_tile_stats = (compiled_tile_stats(self.dg_softcap, mc.dtype)
                               if tiled and head_compile(opts, device_type) else None)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
@@ -148,6 +149,17 @@ class DGemmaRunnerMixin:
         # noise of unseeded requests, drawn for all of them at once; the same on every rank
         self.dg_batch_gen = torch.Generator(device="cpu")
         self.dg_batch_gen.manual_seed(int(self.model_config.seed or 0) + 0x5EED)
+        # requests whose bookkeeping raised this step: request id -> message. The scheduler
+        # finishes them with an error (HTTP 500 for that request); the engine serves on.
+        self.dg_failed: dict[str, str] = {}
+        # Test hook: DGEMMA_INJECT_FAULT="<where>:<key>=<value>[,...]" raises in the bookkeeping
+        # of the requests with that sampling seed (key seed) or prompt length (key prompt_len),
+        # where = prepare | head | commit (tests/test_bf16.py).
+        self.dg_faults = []
+        for rule in filter(None, os.environ.get("DGEMMA_INJECT_FAULT", "").split(",")):
+            where, _, cond = rule.partition(":")
+            key, _, value = cond.partition("=")
+            self.dg_faults.append((where, key, value))
 
     def dg_runner_stats(self) -> dict:
         return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps,
@@ -185,6 +197,26 @@ class DGemmaRunnerMixin:
             self.dg_states[req_id] = st
         return st
 
+    def _dg_fail(self, req_id: str, where: str, exc: BaseException) -> None:
+        """One request's canvas bookkeeping raised: drop its state and report it, so that the
+        scheduler ends that request with an error while the others go on."""
+        logger.error("dgemma_vllm: request %s failed in %s and is ended with an error: %r",
+                     req_id, where, exc, exc_info=exc)
+        self.dg_failed[req_id] = f"dgemma_vllm: internal error in {where}: {exc!r}"
+        st = self.dg_states.pop(req_id, None)
+        if st is not None:
+            self.dg_finished[req_id] = st.stats()
+        self.dg_drafts.pop(req_id, None)
+        self.dg_ready.pop(req_id, None)
+        self.dg_fused_ids.pop(req_id, None)
+
+    def _dg_inject(self, where: str, req_id: str) -> None:
+        req = self.requests.get(req_id) if self.dg_faults else None
+        for at, key, value in self.dg_faults if req is not None else ():
+            got = req.sampling_params.seed if key == "seed" else len(req.prompt_token_ids or ())
+            if at == where and str(got) == value:
+                raise RuntimeError(f"injected fault ({where}, {key}={value})")
+
     def _update_states(self, scheduler_output):
         for req_id in scheduler_output.finished_req_ids:
             st = self.dg_states.pop(req_id, None)
@@ -209,55 +241,17 @@ class DGemmaRunnerMixin:
                 plan.append((req_id, PREFILL, 0))
                 continue
             n = len(drafts)
-            st = self._dg_state(req_id)
-            start = int(self.input_batch.num_tokens_no_spec[row])
-            extra = self.requests[req_id].sampling_params.extra_args
-            if st.commit is not None and n > st.length:
-                # commit + the next canvas's first denoising step in one forward (the scheduler
-                # asked for both): the committed rows causal, the canvas after them bidirectional
-                nc = st.length
-                m = n - nc
-                if m != canvas_positions(extra, self.dg_canvas, self.max_model_len - start - nc):
-                    plan.append((req_id, IDLE, n))  # not what the scheduler should ask: roll back
-                    continue
-                committed = st.finish_commit()
-                self.dg_fused_ids[req_id] = committed
-                self.dg_fused_commits += 1
-                self.dg_commit_rows += nc
-                st.start_canvas(m)
-                ids = torch.cat([committed, st.canvas[0]])
-                plan.append((req_id, FUSED, m))
-                split[row] = nc
-                self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
-                continue
-            if st.commit is not None and n == 1 and st.length > 1:
-                # the commit that ends the request (the scheduler knows): one row, causal, at
-                # the first committed position; _sample returns all the committed tokens
-                plan.append((req_id, LAST, 1))
-                self.dg_last_commits += 1
-                self.dg_commit_rows += 1
-                self.input_batch.token_ids_cpu[row, start] = int(st.commit[0])
-                continue
-            want = st.length if st.canvas is not None else canvas_positions(
-                extra, self.dg_canvas, self.max_model_len - start)
-            if n != want:  # a partial canvas (token budget): compute nothing useful, roll back
+            if req_id in self.dg_failed:  # ended with an error already: compute nothing
                 plan.append((req_id, IDLE, n))
                 continue
-            if st.commit is not None:
-                ids = st.commit
-                plan.append((req_id, COMMIT, n))
-                self.dg_commit_rows += n
-            else:
-                if st.canvas is None:
-                    k = st.knobs
-                    first = st.canvases == 0
-                    seed = torch.tensor(k.seed_canvas[:n]) if (first and k.seed_canvas) else None
-                    pins = torch.tensor([i for i in k.pinned if i < n]) if (first and k.pinned) else None
-                    st.start_canvas(n, seed=seed, pins=pins)
-                ids = st.canvas[0]
-                plan.append((req_id, DENOISE, n))
-                causal[row] = 0
-            self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
+            try:
+                entry = self._dg_plan_row(row, req_id, n, causal, split)
+            except Exception as exc:  # noqa: BLE001 - one request's fault must not end the engine
+                self._dg_fail(req_id, "step planning", exc)
+                entry = (req_id, IDLE, n)
+                causal[row] = 1
+                split.pop(row, None)
+            plan.append(entry)
         logits_indices, spec_md, max_n = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         qsl = self.query_start_loc.np[: num_reqs + 1]
         rows, softs = [], []  # softs: (soft embeddings or None on a canvas's first step, n)
@@ -275,7 +269,8 @@ class DGemmaRunnerMixin:
         soft = None
         if any(s is not None for s, _ in softs):  # zeros on first steps are exact (MLP(0) = 0)
             hidden = self.model_config.hf_config.text_config.hidden_size
-            soft = torch.cat([s if s is not None else torch.zeros(n, hidden, dtype=self.dtype)
+            like = next(s for s, _ in softs if s is not None)  # on the model's device
+            soft = torch.cat([s if s is not None else like.new_zeros(n, hidden)
                               for s, n in softs]).to(device)
         self._dg_model().set_step(StepInputs(canvas_rows=canvas_rows, soft_embeds=soft))
         self.dg_plan = plan
@@ -285,6 +280,57 @@ class DGemmaRunnerMixin:
         self.dg_split = split
         self.dg_t0 = time.perf_counter()
         return canvas_rows, None, max_n
+
+    def _dg_plan_row(self, row: int, req_id: str, n: int, causal, split) -> tuple[str, str, int]:
+        """The plan entry of one row with `n` scheduled drafts; writes its canvas ids into the
+        input batch and, for a denoising row its causal flag (0), for a fused commit its split."""
+        self._dg_inject("prepare", req_id)
+        st = self._dg_state(req_id)
+        start = int(self.input_batch.num_tokens_no_spec[row])
+        extra = self.requests[req_id].sampling_params.extra_args
+        if st.commit is not None and n > st.length:
+            # commit + the next canvas's first denoising step in one forward (the scheduler
+            # asked for both): the committed rows causal, the canvas after them bidirectional
+            nc = st.length
+            m = n - nc
+            if m != canvas_positions(extra, self.dg_canvas, self.max_model_len - start - nc):
+                return (req_id, IDLE, n)  # not what the scheduler should ask: roll back
+            committed = st.finish_commit()
+            self.dg_fused_ids[req_id] = committed
+            self.dg_fused_commits += 1
+            self.dg_commit_rows += nc
+            st.start_canvas(m)
+            ids = torch.cat([committed, st.canvas[0]])
+            split[row] = nc
+            self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
+            return (req_id, FUSED, m)
+        if st.commit is not None and n == 1 and st.length > 1:
+            # the commit that ends the request (the scheduler knows): one row, causal, at
+            # the first committed position; _sample returns all the committed tokens
+            self.dg_last_commits += 1
+            self.dg_commit_rows += 1
+            self.input_batch.token_ids_cpu[row, start] = int(st.commit[0])
+            return (req_id, LAST, 1)
+        want = st.length if st.canvas is not None else canvas_positions(
+            extra, self.dg_canvas, self.max_model_len - start)
+        if n != want:  # a partial canvas (token budget): compute nothing useful, roll back
+            return (req_id, IDLE, n)
+        if st.commit is not None:
+            ids = st.commit
+            entry = (req_id, COMMIT, n)
+            self.dg_commit_rows += n
+        else:
+            if st.canvas is None:
+                k = st.knobs
+                first = st.canvases == 0
+                seed = torch.tensor(k.seed_canvas[:n]) if (first and k.seed_canvas) else None
+                pins = torch.tensor([i for i in k.pinned if i < n]) if (first and k.pinned) else None
+                st.start_canvas(n, seed=seed, pins=pins)
+            ids = st.canvas[0]
+            entry = (req_id, DENOISE, n)
+            causal[row] = 0
+        self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
+        return entry
 
     def _dg_model(self):
         m = self.model
@@ -329,33 +375,52 @@ class DGemmaRunnerMixin:
                 vs.soft_matmul = V.cpu_head_soft_matmul(vs.soft_weight)
             self.dg_vocab_slice.tile_stats = self.dg_tile_stats
         vs = self.dg_vocab_slice
-        kw = dict(softcap=SOFTCAP, emb_dtype=model.model.embed_tokens.weight.dtype,
+        kw = dict(softcap=self.dg_softcap, emb_dtype=model.model.embed_tokens.weight.dtype,
                   normalizer=model.model.normalizer, tile=self.dg_head_tile)
         batch = []
         self.dg_canvas_forwards += bool(entries)
         self.dg_head_rows += hidden.shape[0]  # all rows vLLM's logits step handed over
         for req_id, row, off, n in entries:
-            st = self.dg_states[req_id]
+            st = self.dg_states.get(req_id)
+            if st is None:  # failed earlier in this step
+                continue
             rows = hidden[off:off + n]
             if not st.exact_noise and not self.dg_capture_dir:
-                batch.append((st, rows))
+                batch.append((req_id, st, rows))
                 continue
-            if self.dg_capture_dir:
-                sched_t = temperature(st.params, st.cur_step)
-                full = head_logits(rows, vs.weight[: vs.size], SOFTCAP)
-                self._dg_record(req_id, row, st, full)
-            denoise_step(st, rows, vs, **kw)
-            if self.dg_capture_dir:
-                st._sc_logits = full / sched_t
+            try:
+                self._dg_inject("head", req_id)
+                if self.dg_capture_dir:
+                    sched_t = temperature(st.params, st.cur_step)
+                    full = head_logits(rows, vs.weight[: vs.size], self.dg_softcap)
+                    self._dg_record(req_id, row, st, full)
+                denoise_step(st, rows, vs, **kw)
+                if self.dg_capture_dir:
+                    st._sc_logits = full / sched_t
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._dg_fail(req_id, "denoising step", exc)
         if batch:
-            states = [st for st, _ in batch]
-            rows = torch.cat([r for _, r in batch]) if len(batch) > 1 else batch[0][1]
-            denoise_batch(states, rows, vs, generator=self.dg_batch_gen, budget=self.dg_head_budget,
-                          **kw)
+            try:
+                self._dg_denoise_batch(batch, vs, kw)
+            except Exception:  # noqa: BLE001 - find the request(s) at fault, one by one
+                for item in batch:
+                    try:
+                        self._dg_denoise_batch([item], vs, kw)
+                    except Exception as exc:  # noqa: BLE001
+                        self._dg_fail(item[0], "denoising step", exc)
         for req_id, _, _, _ in entries:
-            st = self.dg_states[req_id]
-            if st.knobs.stream_drafts and st.commit is None:  # the next step commits this argmax
+            st = self.dg_states.get(req_id)
+            if st is not None and st.knobs.stream_drafts and st.commit is None:
                 self.dg_drafts[req_id] = (st.argmax[0].tolist(), st.steps_this_canvas)
+
+    def _dg_denoise_batch(self, batch, vs, kw) -> None:
+        """Unseeded requests' step in one head pass: `batch` holds (req_id, state, rows)."""
+        for req_id, _, _ in batch:
+            self._dg_inject("head", req_id)
+        states = [st for _, st, _ in batch]
+        rows = torch.cat([r for _, _, r in batch]) if len(batch) > 1 else batch[0][2]
+        denoise_batch(states, rows, vs, generator=self.dg_batch_gen, budget=self.dg_head_budget,
+                      **kw)
 
     def _dg_entries(self, plan):
         entries, off = [], 0
@@ -367,16 +432,22 @@ class DGemmaRunnerMixin:
 
     def sample_tokens(self, grammar_output):
         """vLLM's; the argmax drafts of requests that stream them ride on the output
-        (``dgemma_drafts``: request id -> (token ids, step)), and the tokens of canvases ready to
-        commit (``dgemma_ready``: request id -> ids), both read by the plugin's scheduler."""
+        (``dgemma_drafts``: request id -> (token ids, step)), the tokens of canvases ready to
+        commit (``dgemma_ready``: request id -> ids) and the requests whose bookkeeping failed
+        (``dgemma_failed``: request id -> message), all read by the plugin's scheduler."""
         out = super().sample_tokens(grammar_output)
         drafts, self.dg_drafts = self.dg_drafts, {}
         ready, self.dg_ready = self.dg_ready, {}
+        failed, self.dg_failed = self.dg_failed, {}
         if isinstance(out, V.ModelRunnerOutput) and out is not V.EMPTY_MODEL_RUNNER_OUTPUT:
             if drafts:
                 out.dgemma_drafts = drafts
             if ready:
                 out.dgemma_ready = ready
+            if failed:
+                out.dgemma_failed = failed
+        elif failed:  # nothing to carry them this step: report them with the next output
+            self.dg_failed.update(failed)
         return out
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
@@ -425,15 +496,23 @@ class DGemmaRunnerMixin:
             self._dg_denoise_all(self._dg_entries(plan), logits)
         t_head = time.perf_counter() - t_head
         for row, (req_id, mode, n) in enumerate(plan):
-            if mode in (COMMIT, LAST):
-                out[row] = self.dg_states[req_id].finish_commit().tolist()
-            elif mode == FUSED:  # committed in _prepare_inputs, before the new canvas started
-                out[row] = self.dg_fused_ids.pop(req_id).tolist()
-            if out[row] and self.dg_capture_dir and req_id in self.dg_capture:
-                self._dg_flush_capture(req_id)
-            if mode in (DENOISE, FUSED) and self.dg_states[req_id].commit is not None:
-                # ready to commit: the scheduler decides whether the next step fuses it
-                self.dg_ready[req_id] = self.dg_states[req_id].commit.tolist()
+            if mode in (PREFILL, IDLE) or req_id in self.dg_failed:
+                continue
+            try:
+                if mode in (COMMIT, LAST):
+                    self._dg_inject("commit", req_id)
+                    out[row] = self.dg_states[req_id].finish_commit().tolist()
+                elif mode == FUSED:  # committed in _prepare_inputs, before the new canvas started
+                    out[row] = self.dg_fused_ids.pop(req_id).tolist()
+                if out[row] and self.dg_capture_dir and req_id in self.dg_capture:
+                    self._dg_flush_capture(req_id)
+                st = self.dg_states[req_id]
+                if mode in (DENOISE, FUSED) and st.commit is not None:
+                    # ready to commit: the scheduler decides whether the next step fuses it
+                    self.dg_ready[req_id] = st.commit.tolist()
+            except Exception as exc:  # noqa: BLE001 - this request only
+                out[row] = []
+                self._dg_fail(req_id, "commit", exc)
         self.dg_steps += 1
         if self.dg_debug_steps:
             print(f"[dgemma] step {self.dg_steps} {time.perf_counter() - self.dg_t0:.4f}s "

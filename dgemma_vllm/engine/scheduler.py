@@ -113,7 +113,27 @@ class DGemmaScheduler(V.Scheduler):
         drafts = getattr(model_runner_output, "dgemma_drafts", None)
         if drafts:
             self._emit_drafts(drafts, out)
+        failed = getattr(model_runner_output, "dgemma_failed", None)
+        if failed:
+            self._fail(failed, out)
         return out
+
+    def _fail(self, failed: dict[str, str], outputs: dict) -> None:
+        """End the requests whose canvas bookkeeping raised in the runner with an error (vLLM's
+        FINISHED_ERROR: the OpenAI server answers that request with a 500), as vLLM's own
+        scheduler ends requests whose KV load failed (v1/core/sched/scheduler.py:2306-2326);
+        every other request goes on."""
+        ids = [r for r in failed if r in self.requests and not self.requests[r].is_finished()]
+        if not ids:
+            return
+        for req_id in ids:
+            self.dg_ready.pop(req_id, None)
+        for request in self.finish_requests(ids, V.RequestStatus.FINISHED_ERROR) or ():
+            outputs.setdefault(request.client_index, V.EngineCoreOutputs()).outputs.append(
+                V.EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                   finish_reason=request.get_finished_reason(),
+                                   events=request.take_events(),
+                                   trace_headers=request.trace_headers))
 
     def _emit_drafts(self, drafts: dict, outputs: dict) -> None:
         """One token-less output per streaming request that asked for drafts: the argmax canvas

@@ -96,6 +96,7 @@ from vllm.model_executor.models.utils import (  # noqa: F401
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
 from vllm.sampling_params import RequestOutputKind  # noqa: F401
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs  # noqa: F401
+from vllm.v1.request import RequestStatus  # noqa: F401  (FINISHED_ERROR: a failed request)
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SamplerOutput  # noqa: F401
 
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: F401,E402
@@ -162,8 +163,12 @@ def _cpu_packed_gemm(w):
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     layer = torch.nn.Module()
-    layer.weight = torch.nn.Parameter(w, requires_grad=False)
-    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    # The sgl-kernel path (bf16 / fp16 on CPUs with AMX) packs only contiguous weights ("weight
+    # must be contiguous" for the soft embeddings' transposed tile). The packed paths (sgl,
+    # oneDNN) keep their own copy, so the contiguous one is released (remove_weight); the
+    # F.linear fallback keeps it.
+    layer.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 

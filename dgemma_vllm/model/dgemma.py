@@ -29,7 +29,15 @@ from dgemma_vllm.engine import vllm_api as V
 
 logger = logging.getLogger("dgemma_vllm")
 
-SOFTCAP = 30.0  # final_logit_softcapping of the text config (not written to config.json)
+SOFTCAP = 30.0  # DiffusionGemma's final_logit_softcapping (a class default in transformers)
+
+
+def softcap_of(hf_config) -> float:
+    """The head's logit softcap: ``text_config.final_logit_softcapping`` (the release's config.json
+    writes 30.0; transformers' class default is the same, and its reference reads this field)."""
+    text = getattr(hf_config, "text_config", hf_config)
+    v = getattr(text, "final_logit_softcapping", None)
+    return float(v) if v else SOFTCAP
 
 
 @dataclass
@@ -167,7 +175,7 @@ class DGemmaForBlockDiffusion(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The plugin's runner computes the head itself, tiled over the vocabulary and on this
-        rank's slice only (dgemma_vllm/refine/head.py, fp32, softcap SOFTCAP): vLLM's logits step
+        rank's slice only (dgemma_vllm/refine/head.py, fp32, softcap ``softcap_of``): vLLM's logits step
         hands it the canvas rows' hidden states unchanged."""
         return hidden_states
 
