@@ -72,3 +72,55 @@ def test_symmetric_window_matches_its_oracle_and_differs_from_default(captured, 
 def test_server_level_sampler_default_takes_effect(captured):
     stats = captured[3]  # request without knobs on a server started with diffusion_max_steps=2
     assert (stats["canvases"], stats["denoising_steps"]) == (3, 6)
+
+
+def _isas():
+    """The CPU attention ISAs vLLM can pick on this machine (cpu_attn._get_attn_isa)."""
+    import platform
+
+    out = []
+    if platform.machine() in ("x86_64", "AMD64"):
+        out += [("vec", torch.float32), ("vec", torch.bfloat16), ("vec16", torch.float32),
+                ("vec16", torch.bfloat16)]
+        if torch.cpu._is_amx_tile_supported():
+            out.append(("amx", torch.bfloat16))
+    return out
+
+
+@pytest.mark.parametrize("isa,dtype", _isas(), ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("block_size,head_dim", [(32, 32), (128, 64), (128, 256)])
+def test_kv_layout_probe_reads_back_what_vllm_wrote(isa, dtype, block_size, head_dim):
+    """For every kernel layout vLLM can pick here (AMX with bf16 where the CPU has it), K and V
+    written by vLLM's own cache op at scattered slots are read back exactly by the exact canvas
+    window's gather, through the layout the start-up probe found."""
+    from dgemma_vllm.engine import attention as A
+    from dgemma_vllm.engine.plugin import request_amx_permission
+
+    request_amx_permission()
+    nb, h, bs, d = 5, 2, block_size, head_dim
+    kv = torch.zeros(nb, h, bs, 2 * d, dtype=dtype)
+    kc, vc = kv.view(nb, h, 2 * bs, d).chunk(2, dim=2)
+    g = torch.Generator().manual_seed(0)
+    slots = torch.randperm(nb * bs, generator=g)[: 3 * bs // 2]
+    k = torch.randn(len(slots), h, d, generator=g).to(dtype)
+    v = torch.randn(len(slots), h, d, generator=g).to(dtype)
+    A._ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
+                                      kv_cache_dtype="auto")
+    k_pos, v_pos = A.kv_layout(isa, dtype, bs, d)
+    assert torch.equal(A._gather(kc, slots, k_pos), k)
+    assert torch.equal(A._gather(vc, slots, v_pos), v)
+
+
+def test_kv_layout_probe_refuses_an_unknown_layout(monkeypatch):
+    """A cache op whose layout is not one permutation per block and head stops the probe (at
+    engine start) with a message naming the option to use instead."""
+    from dgemma_vllm.engine import attention as A
+
+    def scrambled(k, v, kc, vc, slots, isa, **kw):  # every token of a block in one place
+        kc[:, :, 0, :] = k[: kc.shape[0]].to(kc.dtype)
+        vc[:, :, 0, :] = v[: vc.shape[0]].to(vc.dtype)
+
+    monkeypatch.setattr(A._ops, "cpu_attn_reshape_and_cache", scrambled)
+    monkeypatch.setattr(A, "_layout_cache", {})
+    with pytest.raises(A.KVLayoutError, match="dgemma_canvas_window='symmetric'"):
+        A.kv_layout("vec", torch.float32, 32, 32)

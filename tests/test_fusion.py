@@ -156,39 +156,99 @@ def test_fused_tokens_equal_reference(runs, tiny_ckpt):
     assert checked >= 2
 
 
-def test_split_fused_attention_metadata():
+def test_split_fused_attention_metadata_field_by_field():
     """The metadata of a fused request is two sequences over its block-table row: committed rows
-    (causal, context up to them) then canvas rows (bidirectional, context up to the canvas end);
-    other requests and the token-level fields are untouched; per-request fields follow."""
+    (causal, context up to them) then canvas rows (bidirectional, context up to the canvas end).
+    Every field of vLLM's CommonAttentionMetadata is filled and checked: rebuilt ones (incl. the
+    multimodal prefix-LM ranges of `use_bidirectional_attention: "vision"`), token-level ones
+    untouched, per-request ones repeated for the second sequence, derived caches dropped."""
     import numpy as np
     import torch
-    from vllm.v1.attention.backend import CommonAttentionMetadata
 
+    from dgemma_vllm.engine import vllm_api as V
     from dgemma_vllm.engine.runner import split_fused
 
-    # request 0: prefill of 5; request 1: 6 committed + 4 canvas after 30 tokens; request 2: a
-    # 4-row canvas after 50 tokens
+    # request 0: prefill of 5 (an image span in its prompt); request 1: 6 committed + 4 canvas
+    # after 30 tokens (text: no ranges); request 2: a 4-row canvas after 50 tokens (an image)
     qsl = torch.tensor([0, 5, 15, 19], dtype=torch.int32)
     seq = torch.tensor([5, 40, 54], dtype=torch.int32)
     bt = torch.arange(3 * 4, dtype=torch.int32).view(3, 4)
-    cm = CommonAttentionMetadata(
+    values = dict(
         query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq, num_reqs=3,
         num_actual_tokens=19, max_query_len=10, max_seq_len=54, block_table_tensor=bt,
-        slot_mapping=torch.arange(19), causal=True, is_prefilling=torch.tensor([True, False, False]),
-        req_idx=np.array([0, 1, 2]))
+        slot_mapping=torch.arange(19), causal=True, logits_indices_padded=torch.arange(4),
+        num_logits_indices=4, max_logits_per_req=2,
+        encoder_seq_lens=torch.tensor([7, 8, 9]), encoder_seq_lens_cpu=np.array([7, 8, 9]),
+        positions=torch.arange(19) + 100, is_prefilling=torch.tensor([True, False, False]),
+        seq_lens_cpu_upper_bound=seq.clone(), req_idx=np.array([0, 1, 2]),
+        mm_req_doc_ranges={0: [(1, 3)], 2: [(10, 20), (30, 35)]},
+        rswa_prefix_lens=torch.tensor([5, 30, 12]),
+        replayssm_decode_base_cpu=torch.tensor([0, 3, 4]),
+        _num_computed_tokens_cache=torch.zeros(3), _token_to_req_indices_cache=torch.zeros(19))
+    names = {f.name for f in dataclasses.fields(V.CommonAttentionMetadata)}
+    assert names - set(V.SPLIT_REFUSED_FIELDS) == set(values), "a field of this vLLM is untested"
+    assert V.unknown_attention_metadata_fields() == []
+    cm = V.CommonAttentionMetadata(**values)
     causal = torch.tensor([1, 0, 0], dtype=torch.int32)  # the runner's flags: fused rows say 0
     out = split_fused(cm, causal, {1: 6})
+    # rebuilt
     assert out.num_reqs == 4
     assert out.query_start_loc_cpu.tolist() == [0, 5, 11, 15, 19]
     assert out.query_start_loc.tolist() == [0, 5, 11, 15, 19]
     assert out.seq_lens.tolist() == [5, 36, 40, 54]
+    assert out.seq_lens_cpu_upper_bound.tolist() == [5, 36, 40, 54]
     assert out.causal.tolist() == [1, 1, 0, 0]
     assert out.max_query_len == 6 and out.max_seq_len == 54
     assert torch.equal(out.block_table_tensor, bt[[0, 1, 1, 2]])
-    assert out.is_prefilling.tolist() == [True, False, False, False]
-    assert out.req_idx.tolist() == [0, 1, 1, 2]
-    assert torch.equal(out.slot_mapping, cm.slot_mapping) and out.num_actual_tokens == 19
-    # a per-request field the split cannot map is refused, not silently carried over
-    bad = dataclasses.replace(cm, mm_req_doc_ranges={0: [(0, 2)]})
-    with pytest.raises(NotImplementedError, match="mm_req_doc_ranges"):
-        split_fused(bad, causal, {1: 6})
+    assert out.mm_req_doc_ranges == {0: [(1, 3)], 3: [(10, 20), (30, 35)]}
+    # token level and per batch: untouched
+    for name in V.SPLIT_TOKEN_LEVEL_FIELDS:
+        v = getattr(out, name)
+        assert (torch.equal(v, values[name]) if isinstance(v, torch.Tensor) else v == values[name]), name
+    # per request: repeated for the second sequence of request 1
+    for name in V.SPLIT_REPEATED_FIELDS:
+        got, want = getattr(out, name), values[name]
+        assert list(got.tolist()) == [want.tolist()[i] for i in (0, 1, 1, 2)], name
+    for name in V.SPLIT_DROPPED_FIELDS:
+        assert getattr(out, name) is None, name
+    # a text batch of a release checkpoint (empty ranges) and a non-prefix-LM model (None)
+    for ranges in ({}, None):
+        o = split_fused(dataclasses.replace(cm, mm_req_doc_ranges=ranges), causal, {1: 6})
+        assert o.mm_req_doc_ranges == ranges
+    # without the CPU upper bound the lengths come from seq_lens
+    o = split_fused(dataclasses.replace(cm, seq_lens_cpu_upper_bound=None), causal, {1: 6})
+    assert o.seq_lens.tolist() == [5, 36, 40, 54] and o.seq_lens_cpu_upper_bound is None
+
+
+def _hook_config(**par):
+    from types import SimpleNamespace
+
+    hf = SimpleNamespace(dgemma_canvas_length=16, dgemma_fuse_commit=True)
+    return SimpleNamespace(
+        scheduler_config=SimpleNamespace(scheduler_cls=None, async_scheduling=None),
+        parallel_config=SimpleNamespace(**{"worker_cls": "auto", "decode_context_parallel_size": 1,
+                                           "prefill_context_parallel_size": 1, **par}),
+        model_config=SimpleNamespace(hf_config=hf, enforce_eager=True, max_model_len=256),
+        attention_config=None)
+
+
+def test_config_hook_turns_fusion_off_for_unknown_metadata_fields(monkeypatch):
+    from dgemma_vllm.engine import vllm_api as V
+    from dgemma_vllm.engine.config import DGemmaConfigHook
+
+    cfg = _hook_config()
+    DGemmaConfigHook.verify_and_update_config(cfg)
+    assert cfg.model_config.hf_config.dgemma_fuse_commit is True
+    assert cfg.scheduler_config.scheduler_cls.endswith("DGemmaScheduler")
+    monkeypatch.setattr(V, "unknown_attention_metadata_fields", lambda: ["new_field"])
+    cfg = _hook_config()
+    DGemmaConfigHook.verify_and_update_config(cfg)
+    assert cfg.model_config.hf_config.dgemma_fuse_commit is False
+
+
+@pytest.mark.parametrize("name", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+def test_config_hook_refuses_context_parallelism(name):
+    from dgemma_vllm.engine.config import DGemmaConfigHook
+
+    with pytest.raises(ValueError, match=name):
+        DGemmaConfigHook.verify_and_update_config(_hook_config(**{name: 2}))
