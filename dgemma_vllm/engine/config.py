@@ -98,6 +98,75 @@ def canvas_positions(extra_args: dict | None, served_canvas: int, room: int) -> 
     return max(0, min(n, room))
 
 
+def _fa4_supported() -> bool:
+    try:
+        from vllm.v1.attention.backends.fa_utils import is_fa_version_supported
+
+        return bool(is_fa_version_supported(4))
+    except Exception:  # noqa: BLE001 - no FlashAttention build at all
+        return False
+
+
+def gpu_config_checks(vllm_config) -> None:
+    """What the plugin's GPU path can serve, decided at start-up (the plugin's hook replaces
+    vLLM's own DiffusionGemma hook, so its FlashInfer refusal and FA4 choice are made here):
+
+    - the canvas window: the exact reference rule is implemented in the CPU backend only; on GPU
+      Triton applies the symmetric window to non-causal rows, so ``reference`` (the default) is
+      refused rather than silently served as ``symmetric``;
+    - attention backend: Triton (the default here) or FlashAttention 4 (per-request causal
+      flags; FA2/FA3 raise at the first canvas); FlashInfer takes one causal flag per batch and
+      anything else is untested with the canvas: refused;
+    - model runner V2 (forced by VLLM_USE_V2_MODEL_RUNNER=1, watermarking or HiSparse) and
+      dual-batch overlap (its micro-batches drop the per-request causal flags): refused."""
+    hf = vllm_config.model_config.hf_config
+    window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
+    if window == "reference":
+        raise ValueError(
+            "dgemma_vllm: dgemma_canvas_window='reference' (the default: transformers' sliding-"
+            "window rule for canvas rows) is implemented for vLLM's CPU attention only; on GPU "
+            "vLLM's attention applies the symmetric window. Pass --hf-overrides "
+            "'{\"dgemma_canvas_window\": \"symmetric\"}' to serve with it (what upstream vLLM and "
+            "transformers' flash-attention path do; outputs differ from the reference only past "
+            "sliding_window - canvas context tokens)")
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as B
+
+    att = vllm_config.attention_config
+    backend = getattr(att, "backend", None)
+    if backend is None:
+        att.backend = B.TRITON_ATTN
+    elif backend == B.FLASH_ATTN:
+        version = getattr(att, "flash_attn_version", None)
+        if version is None and _fa4_supported():
+            att.flash_attn_version = 4
+        elif version != 4:
+            raise ValueError(
+                "dgemma_vllm: --attention-backend FLASH_ATTN needs FlashAttention 4 (per-request "
+                f"causal flags for canvas rows); flash_attn_version={version} "
+                f"(FA4 available: {_fa4_supported()}). Use TRITON_ATTN (the default)")
+        if getattr(hf, "dgemma_fuse_commit", True):
+            # FA's builder can reuse group 0's metadata with the unsplit block table for other
+            # KV-cache groups (update_block_table): the fused split is not safe there
+            logger.warning("dgemma_vllm: dgemma_fuse_commit is turned off with FLASH_ATTN")
+            hf.dgemma_fuse_commit = False
+    elif backend != B.TRITON_ATTN:
+        raise ValueError(
+            f"dgemma_vllm: --attention-backend {getattr(backend, 'name', backend)} cannot run the "
+            "canvas (one causal flag per batch, or untested with per-request flags); use "
+            "TRITON_ATTN (the default) or FLASH_ATTN with FlashAttention 4")
+    try:
+        v2 = bool(vllm_config.use_v2_model_runner)
+    except (AttributeError, ValueError):
+        v2 = False
+    if v2:
+        raise ValueError(
+            "dgemma_vllm drives vLLM's V1 model runner; model runner V2 is selected "
+            "(VLLM_USE_V2_MODEL_RUNNER=1, watermarking or HiSparse): unset it / turn those off")
+    if getattr(vllm_config.parallel_config, "enable_dbo", False):
+        raise ValueError("dgemma_vllm does not support dual-batch overlap (--enable-dbo): its "
+                         "micro-batches drop the canvas rows' per-request causal flags")
+
+
 class DGemmaConfigHook(V.VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -157,15 +226,7 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
             raise ValueError("dgemma_vllm needs async_scheduling=False (the canvas state machine is "
                              "synchronous)")
         if not current_platform.is_cpu():
-            # GPU: the canvas needs a backend that takes a per-request causal tensor; vLLM's
-            # Triton attention does (FlashAttention only in its FA4 build). The exact-reference
-            # sliding-window fix-up is implemented for the CPU backend only; on GPU canvas rows
-            # of sliding layers use the symmetric window (documented; not run here: no GPU).
-            att = getattr(vllm_config, "attention_config", None)
-            if att is not None and getattr(att, "backend", None) is None:
-                from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-                att.backend = AttentionBackendEnum.TRITON_ATTN
+            gpu_config_checks(vllm_config)
         mc = vllm_config.model_config
         # The runner hands per-step inputs (canvas rows, self-conditioning, per-mode layer
         # scalars) to the model outside the traced graph: run eagerly (no torch.compile / graphs).

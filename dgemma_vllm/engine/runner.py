@@ -94,6 +94,17 @@ def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
     return dataclasses.replace(cm, **changes)
 
 
+def assemble_soft(softs, hidden: int, device) -> torch.Tensor | None:
+    """The self-conditioning input of one forward: each canvas's soft embeddings ``[n, hidden]``
+    (``None`` on a canvas's first step: zeros, exact since MLP(pre_norm(0)) = 0), concatenated in
+    batch order, on `device`; None when every canvas is on its first step. The zeros are made
+    where the other canvases' embeddings live (on a GPU: the GPU), never on the host."""
+    like = next((s for s, _ in softs if s is not None), None)
+    if like is None:
+        return None
+    return torch.cat([s if s is not None else like.new_zeros(n, hidden) for s, n in softs]).to(device)
+
+
 def _take_rows(v, idx: list[int]):
     """Rows `idx` of a per-request tensor or array (on its own device)."""
     if isinstance(v, np.ndarray):
@@ -266,12 +277,7 @@ class DGemmaRunnerMixin:
             canvas_rows = torch.from_numpy(np.concatenate(rows)).to(device)
         else:
             canvas_rows = torch.zeros(0, dtype=torch.int64, device=device)
-        soft = None
-        if any(s is not None for s, _ in softs):  # zeros on first steps are exact (MLP(0) = 0)
-            hidden = self.model_config.hf_config.text_config.hidden_size
-            like = next(s for s, _ in softs if s is not None)  # on the model's device
-            soft = torch.cat([s if s is not None else like.new_zeros(n, hidden)
-                              for s, n in softs]).to(device)
+        soft = assemble_soft(softs, self.model_config.hf_config.text_config.hidden_size, device)
         self._dg_model().set_step(StepInputs(canvas_rows=canvas_rows, soft_embeds=soft))
         self.dg_plan = plan
         self.dg_canvas_rows = canvas_rows

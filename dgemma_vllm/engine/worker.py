@@ -8,6 +8,7 @@ vLLM's documented override point; the plugin returns its V1 runner there.
 from __future__ import annotations
 
 import torch
+from vllm.platforms import current_platform
 
 from . import vllm_api as V
 from .runner import DGemmaRunnerMixin
@@ -23,12 +24,13 @@ def _runner_class(base):
     return DGemmaModelRunner
 
 
-try:
+# Platform-gated: importing vLLM's CPU worker replaces torch.cuda.Event / Stream,
+# torch.accelerator.get_memory_info (host RAM) and more (v1/worker/cpu/shm.py, imported by
+# cpu_worker.py; the CUDA wheel ships it too), which would break a GPU worker's memory profile
+# and NCCL streams. So the CPU classes are imported on the CPU platform only, the GPU ones
+# elsewhere (tests/test_gpu_path.py checks it with a CUDA-like platform).
+if current_platform.is_cpu():
     _CPUWorker, _CPUModelRunner = V.cpu_worker_classes()
-except ImportError:  # CUDA build
-    _CPUWorker = _CPUModelRunner = None
-
-if _CPUWorker is not None:
     DGemmaCPUModelRunner = _runner_class(_CPUModelRunner)
 
     class DGemmaCPUWorker(_CPUWorker):
@@ -42,13 +44,8 @@ if _CPUWorker is not None:
             super().init_device()
             self.model_runner = DGemmaCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
-
-try:
+else:
     _Worker, _GPUModelRunner = V.gpu_worker_classes()
-except ImportError:
-    _Worker = _GPUModelRunner = None
-
-if _Worker is not None:
 
     class DGemmaGPUWorker(_Worker):
         def dgemma_request_stats(self) -> dict:

@@ -48,6 +48,18 @@ class StepInputs:
     soft_embeds: torch.Tensor | None  # [n, hidden] self-conditioning soft embeddings, or None (zeros)
 
 
+def refuse_quantized_head(lm_head, embed_tokens) -> None:
+    """The canvas head reads the tied embedding's float rows itself (refine/head.py), so a
+    quantization method on ``lm_head`` or ``embed_tokens`` is refused when the model is built
+    (engine start), naming the module."""
+    for name, mod in (("lm_head", lm_head), ("embed_tokens", embed_tokens)):
+        method = type(getattr(mod, "quant_method", None)).__name__
+        if method not in ("NoneType", "UnquantizedEmbeddingMethod"):
+            raise ValueError(f"dgemma_vllm: a quantized {name} ({method}) is not supported: the "
+                             "canvas head reads the tied embedding's float weights; keep lm_head "
+                             "and embed_tokens out of the quantization (its ignore list)")
+
+
 class SelfConditioning(nn.Module):
     """``post_norm(x + down(gelu_tanh(gate(pre_norm(s))) * up(pre_norm(s))))``; post_norm has no
     weight (reference: DiffusionGemmaSelfConditioning)."""
@@ -113,16 +125,17 @@ class DGemmaForBlockDiffusion(nn.Module):
                                  or getattr(hf_config, "canvas_length", None) or 256)
         quant_config = vllm_config.quant_config
 
-        from dgemma_vllm.engine.attention import set_canvas_window
+        from vllm.platforms import current_platform
+
         from dgemma_vllm.engine.config import plugin_options
 
         opts = plugin_options(vllm_config)
-        set_canvas_window(opts["canvas_window"])
         backend = None
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
+        if current_platform.is_cpu():  # the CPU backend module is imported on the CPU only
             from dgemma_vllm.engine.attention import DGemmaCPUAttentionBackend as backend
+            from dgemma_vllm.engine.attention import set_canvas_window
+
+            set_canvas_window(opts["canvas_window"])
         with _attention_backend(backend):
             self.model = V.Gemma4Model(vllm_config=vllm_config,
                                        prefix=V.maybe_prefix(prefix, "model"))
@@ -133,6 +146,7 @@ class DGemmaForBlockDiffusion(nn.Module):
                                         prefix=V.maybe_prefix(prefix, "lm_head"))
         if getattr(hf_config, "tie_word_embeddings", True):
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        refuse_quantized_head(self.lm_head, self.model.embed_tokens)
 
         n = config.num_hidden_layers
         # The two layer_scalar sets of the checkpoint (buffers are not tied in the reference).
