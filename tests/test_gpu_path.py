@@ -111,8 +111,13 @@ def _refused(cfg, match):
         _hook(cfg)
 
 
-def test_gpu_refuses_the_reference_window_it_cannot_honour(not_cpu):
-    _refused(_config(window="reference"), "dgemma_canvas_window='reference'.*symmetric")
+def test_gpu_serves_the_reference_window_on_triton_and_refuses_it_elsewhere(not_cpu):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as B
+
+    cfg = _hook(_config(window="reference"))  # the default: Triton's prefix ranges
+    assert cfg.attention_config.backend == B.TRITON_ATTN
+    _refused(_config(window="reference", backend=B.FLASH_ATTN, fa_version=4),
+             "dgemma_canvas_window='reference'.*TRITON_ATTN")
 
 
 def test_gpu_refuses_flashinfer_and_flash_attention_without_fa4(not_cpu):
@@ -171,3 +176,104 @@ def test_self_conditioning_input_stays_on_the_model_device():
         # the review's code: zeros without a device next to GPU embeddings
         with pytest.raises(Exception, match="[Dd]evice"):
             torch.cat([torch.zeros(3, 8), older])
+
+
+# ----------------------------------------------------------------------------- Triton's mask, ported
+def triton_kv_mask(q_abs, k_pos, seq_len, window, causal, ranges, clamp):
+    """Plain-torch port of vLLM 0.32's ``compute_kv_seq_mask``
+    (v1/attention/ops/triton_attention_helpers.py:316-420) for one sequence, without chunked
+    attention and R-SWA: ``causal`` is the sequence's flag (the per-sequence variant; True is also
+    the plain causal one), ``window`` the kernel's SLIDING_WINDOW (``1 + window_size[0]``: W on
+    sliding decoder layers, 0 on full ones), ``ranges`` its inclusive (start, end) prefix ranges,
+    ``clamp`` the layer's mm_prefix_clamp_sliding_window. [queries, keys] bool."""
+    q, k = q_abs[:, None], k_pos[None, :]
+    mask = (k <= q) if causal else (k < seq_len)
+    if window > 0:
+        left = (q - k) < window
+        mask = mask & (left if causal else left & ((k - q) < window))
+    for start, end in ranges:
+        mm = (q >= start) & (q <= end) & (k >= start) & (k <= end) & (start < end)
+        if clamp and window > 0:
+            mm = mm & ((q - k) < window)
+        mask = mask | mm
+    return mask
+
+
+def reference_keys(L, C, window, sliding):
+    """The reference's keys for every canvas query (semantics sheet B: DynamicCache keeps the last
+    W - 1 cached tokens on sliding layers; the canvas sees all of itself)."""
+    keys = torch.zeros(C, L + C, dtype=torch.bool)
+    keys[:, (max(0, L - window + 1) if sliding else 0):] = True
+    return keys
+
+
+def _mask_of(cm, i, window, clamp=False):
+    qsl, seq = cm.query_start_loc_cpu.tolist(), cm.seq_lens.tolist()
+    n = qsl[i + 1] - qsl[i]
+    q_abs = torch.arange(seq[i] - n, seq[i])
+    causal = bool(cm.causal) if not isinstance(cm.causal, torch.Tensor) else bool(cm.causal[i])
+    ranges = (cm.mm_req_doc_ranges or {}).get(i, [])
+    return triton_kv_mask(q_abs, torch.arange(seq[i]), seq[i], window, causal, ranges, clamp)
+
+
+def _batch(lens, causal_flags, ranges=None):
+    """Metadata of sequences (context before, rows) with the runner's causal flags."""
+    from dgemma_vllm.engine import vllm_api as V
+
+    qsl = [0]
+    for _, n in lens:
+        qsl.append(qsl[-1] + n)
+    qsl = torch.tensor(qsl, dtype=torch.int32)
+    seq = torch.tensor([b + n for b, n in lens], dtype=torch.int32)
+    return V.CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq, num_reqs=len(lens),
+        num_actual_tokens=int(qsl[-1]), max_query_len=max(n for _, n in lens),
+        max_seq_len=int(seq.max()), block_table_tensor=torch.zeros(len(lens), 4, dtype=torch.int32),
+        slot_mapping=torch.arange(int(qsl[-1])), causal=torch.tensor(causal_flags, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=seq.clone(), mm_req_doc_ranges=ranges)
+
+
+@pytest.mark.parametrize("W,C", [(16, 16), (32, 12), (1024, 256)])
+def test_reference_window_through_triton_ranges_equals_the_oracle(W, C):
+    """Canvas rows of every prefix regime (shorter than, equal to, longer than the window, far
+    past it), a prefill chunk and a fused commit in one batch: after the runner's
+    reference_window_metadata, the ported Triton mask gives each canvas query exactly the
+    reference's keys on sliding and full layers, and leaves causal rows causal (and windowed);
+    the port of the symmetric rule (flag 0, no ranges) differs from the oracle past the window."""
+    from dgemma_vllm.engine.runner import reference_window_metadata, split_fused
+
+    lens_before = [1, W - 1, W, W + 5, 3 * W + 7]
+    seqs = [(b, C) for b in lens_before] + [(10, 7)]  # canvases, then a prefill chunk
+    flags = [0] * len(lens_before) + [1]
+    seqs.append((40, C + C))  # a fused commit: C committed rows then the next canvas
+    flags.append(0)
+    cm = split_fused(_batch(seqs, flags), torch.tensor(flags, dtype=torch.int32),
+                     {len(seqs) - 1: C})
+    out = reference_window_metadata(cm, W)
+    assert out.causal is True  # no per-sequence causal tensor on the Triton path
+    canvases = list(range(len(lens_before))) + [out.num_reqs - 1]
+    for i in range(out.num_reqs):
+        seq, n = int(out.seq_lens[i]), int(out.query_start_loc_cpu[i + 1] - out.query_start_loc_cpu[i])
+        for window, sliding in ((W, True), (0, False)):
+            got = _mask_of(out, i, window)
+            if i in canvases:
+                assert torch.equal(got, reference_keys(seq - n, n, W, sliding)), (i, sliding)
+            else:  # prefill chunk / committed rows: causal, windowed on sliding layers
+                q = torch.arange(seq - n, seq)[:, None]
+                k = torch.arange(seq)[None, :]
+                want = (k <= q) & (((q - k) < W) if sliding else True)
+                assert torch.equal(got, want), (i, sliding)
+    # the port can fail: the symmetric rule (what Triton does with the causal tensor alone)
+    past = [i for i, b in enumerate(lens_before) if b + C > W]
+    diffs = [not torch.equal(_mask_of(cm, i, W), reference_keys(lens_before[i], C, W, True))
+             for i in past]
+    assert past and all(diffs)
+
+
+def test_reference_window_keeps_image_ranges():
+    """An image span of the prompt stays a bidirectional range next to the canvas's range."""
+    from dgemma_vllm.engine.runner import reference_window_metadata
+
+    cm = _batch([(50, 8)], [0], ranges={0: [(5, 20)]})
+    out = reference_window_metadata(cm, 16)
+    assert out.mm_req_doc_ranges == {0: [(5, 20), (50 - 16 + 1, 57)]}

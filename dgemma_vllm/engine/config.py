@@ -111,9 +111,9 @@ def gpu_config_checks(vllm_config) -> None:
     """What the plugin's GPU path can serve, decided at start-up (the plugin's hook replaces
     vLLM's own DiffusionGemma hook, so its FlashInfer refusal and FA4 choice are made here):
 
-    - the canvas window: the exact reference rule is implemented in the CPU backend only; on GPU
-      Triton applies the symmetric window to non-causal rows, so ``reference`` (the default) is
-      refused rather than silently served as ``symmetric``;
+    - the canvas window: ``reference`` (the default) runs through Triton's multimodal-prefix
+      ranges (runner.reference_window_metadata); FlashAttention would apply the symmetric window,
+      so ``reference`` with FLASH_ATTN is refused rather than silently served as ``symmetric``;
     - attention backend: Triton (the default here) or FlashAttention 4 (per-request causal
       flags; FA2/FA3 raise at the first canvas); FlashInfer takes one causal flag per batch and
       anything else is untested with the canvas: refused;
@@ -121,14 +121,6 @@ def gpu_config_checks(vllm_config) -> None:
       dual-batch overlap (its micro-batches drop the per-request causal flags): refused."""
     hf = vllm_config.model_config.hf_config
     window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
-    if window == "reference":
-        raise ValueError(
-            "dgemma_vllm: dgemma_canvas_window='reference' (the default: transformers' sliding-"
-            "window rule for canvas rows) is implemented for vLLM's CPU attention only; on GPU "
-            "vLLM's attention applies the symmetric window. Pass --hf-overrides "
-            "'{\"dgemma_canvas_window\": \"symmetric\"}' to serve with it (what upstream vLLM and "
-            "transformers' flash-attention path do; outputs differ from the reference only past "
-            "sliding_window - canvas context tokens)")
     from vllm.v1.attention.backends.registry import AttentionBackendEnum as B
 
     att = vllm_config.attention_config
@@ -136,6 +128,13 @@ def gpu_config_checks(vllm_config) -> None:
     if backend is None:
         att.backend = B.TRITON_ATTN
     elif backend == B.FLASH_ATTN:
+        if window == "reference":
+            raise ValueError(
+                "dgemma_vllm: dgemma_canvas_window='reference' (the default: transformers' "
+                "sliding-window rule for canvas rows) runs on GPU through TRITON_ATTN's prefix "
+                "ranges only; with FLASH_ATTN pass --hf-overrides "
+                "'{\"dgemma_canvas_window\": \"symmetric\"}' (flash attention's rule, as upstream "
+                "vLLM) or use TRITON_ATTN (the default)")
         version = getattr(att, "flash_attn_version", None)
         if version is None and _fa4_supported():
             att.flash_attn_version = 4

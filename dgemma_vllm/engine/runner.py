@@ -94,6 +94,27 @@ def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
     return dataclasses.replace(cm, **changes)
 
 
+def reference_window_metadata(cm, window: int):
+    """The reference sliding-window rule for canvas rows through vLLM's Triton attention (GPU):
+    every canvas sequence (causal flag 0) becomes a causal sequence with one multimodal-prefix
+    range ``[max(0, L - W + 1), L + C - 1]`` (inclusive; L tokens before its C canvas rows). With
+    the ranges not clamped to the window, Triton's mask is ``(k <= q and q - k < W) or (q, k in
+    a range)`` (v1/attention/ops/triton_attention_helpers.py, compute_kv_seq_mask), so a canvas
+    query sees keys ``[max(0, L - W + 1), L + C)`` on sliding layers and ``[0, L + C)`` on full
+    layers: the reference's rule (transformers eager/sdpa with its DynamicCache). Every sequence
+    is then causal: no per-sequence causal tensor. Other ranges (images) are kept."""
+    flags = cm.causal.tolist() if isinstance(cm.causal, torch.Tensor) else [1] * cm.num_reqs
+    qsl = cm.query_start_loc_cpu.tolist()
+    src = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
+    seq = src[: cm.num_reqs].tolist()
+    ranges = {k: list(v) for k, v in (cm.mm_req_doc_ranges or {}).items()}
+    for i, causal in enumerate(flags):
+        if not causal:
+            before = seq[i] - (qsl[i + 1] - qsl[i])
+            ranges.setdefault(i, []).append((max(0, before - window + 1), seq[i] - 1))
+    return dataclasses.replace(cm, causal=True, mm_req_doc_ranges=ranges or cm.mm_req_doc_ranges)
+
+
 def assemble_soft(softs, hidden: int, device) -> torch.Tensor | None:
     """The self-conditioning input of one forward: each canvas's soft embeddings ``[n, hidden]``
     (``None`` on a canvas's first step: zeros, exact since MLP(pre_norm(0)) = 0), concatenated in
@@ -138,6 +159,10 @@ class DGemmaRunnerMixin:
         self.dg_head_tile = head_tile(opts, device_type)
         self.dg_head_budget = head_budget(device_type)
         self.dg_cpu = device_type == "cpu"
+        # GPU + the reference window: canvas rows as causal sequences with a prefix range (the
+        # CPU backend applies the rule itself, engine/attention.py)
+        self.dg_ranges_window = (int(mc.hf_config.text_config.sliding_window)
+                                 if not self.dg_cpu and opts["canvas_window"] == "reference" else 0)
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
         # the head tile's fused elementwise passes, compiled now (engine start), not in a request;
         # not at all where the head never tiles (a vocabulary within one tile, one rank)
@@ -347,6 +372,7 @@ class DGemmaRunnerMixin:
         if causal is None:
             return super()._build_attention_metadata(*args, **kwargs)
         split = self.dg_split
+        ranges_window = self.dg_ranges_window
         patched = []
         for groups in self.attn_groups:
             for g in groups:
@@ -356,6 +382,8 @@ class DGemmaRunnerMixin:
                     if cm.num_reqs == causal.shape[0]:
                         cm = split_fused(cm, causal, split) if split else dataclasses.replace(
                             cm, causal=causal.to(cm.query_start_loc.device))
+                        if ranges_window:
+                            cm = reference_window_metadata(cm, ranges_window)
                     return _orig(cm, *a, **kw)
 
                 g.build_metadata = build

@@ -17,7 +17,6 @@ self-conditioning soft embeddings (``[rows, hidden]``) through :meth:`set_step`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -79,13 +78,24 @@ class SelfConditioning(nn.Module):
 
 
 @contextlib.contextmanager
-def _attention_backend(backend_cls):
+def _attention_layers(backend_cls=None, unclamped_mm_prefix: bool = False):
     """Build Gemma 4's attention layers with our backend class (vLLM's ``Attention`` takes an
-    ``attn_backend`` argument; Gemma4Attention does not pass one through)."""
+    ``attn_backend`` argument; Gemma4Attention does not pass one through), and on GPU with the
+    multimodal-prefix ranges not clamped to the sliding window (Gemma 4 passes
+    ``mm_prefix_clamp_sliding_window=is_sliding``; the canvas's exact window is one such range
+    and must reach past the window, see runner.reference_window_metadata)."""
     import vllm.model_executor.models.gemma4 as g4
 
     orig = g4.Attention
-    g4.Attention = functools.partial(orig, attn_backend=backend_cls) if backend_cls else orig
+
+    def build(*args, **kwargs):
+        if backend_cls is not None:
+            kwargs["attn_backend"] = backend_cls
+        if unclamped_mm_prefix:
+            kwargs["mm_prefix_clamp_sliding_window"] = False
+        return orig(*args, **kwargs)
+
+    g4.Attention = build if (backend_cls is not None or unclamped_mm_prefix) else orig
     try:
         yield
     finally:
@@ -136,7 +146,7 @@ class DGemmaForBlockDiffusion(nn.Module):
             from dgemma_vllm.engine.attention import set_canvas_window
 
             set_canvas_window(opts["canvas_window"])
-        with _attention_backend(backend):
+        with _attention_layers(backend, unclamped_mm_prefix=not current_platform.is_cpu()):
             self.model = V.Gemma4Model(vllm_config=vllm_config,
                                        prefix=V.maybe_prefix(prefix, "model"))
         self.self_conditioning = SelfConditioning(config, quant_config,
