@@ -64,3 +64,15 @@ def test_kernel_step_script_runs_on_cpu(tmp_path):
     res = json.loads(out.read_text())["results"]
     assert {(x["mode"], x["batch"]) for x in res} == {(m, b) for m in ("refine", "decode") for b in (1, 2)}
     assert all(x["step_s"] > 0 and x["tflops"] > 0 for x in res)
+
+
+def test_gpu_check_script_smoke_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py (for the day a CUDA machine is available) run with --device cpu:
+    the whole flow (checkpoint, `serve`, seeded requests against transformers with the host's
+    draws, the speed line) works and the seeded requests equal the reference."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+           "--geometry", "tiny", "--requests", "3", "--steps", "2", "--concurrency", "2",
+           "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("EQUAL") == 3 and "tok/s" in r.stdout, r.stdout

@@ -277,3 +277,142 @@ def test_reference_window_keeps_image_ranges():
     cm = _batch([(50, 8)], [0], ranges={0: [(5, 20)]})
     out = reference_window_metadata(cm, 16)
     assert out.mm_req_doc_ranges == {0: [(5, 20), (50 - 16 + 1, 57)]}
+
+
+# ----------------------------------------------------------------------------- the head on a GPU
+def _fake_cuda_getitem():
+    """``Tensor.__getitem__`` through aten ops: on a CPU-only torch, Python-level indexing of a
+    fake CUDA tensor asks for a CUDA device guard ("not linked with support for cuda devices"),
+    the aten ops it stands for do not. Basic indexing (ints, slices, None, Ellipsis) and one
+    index tensor."""
+    aten = torch.ops.aten
+    orig = torch.Tensor.__getitem__
+
+    def getitem(t, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(i, torch.Tensor) for i in idx):
+            return aten.index.Tensor(t, [idx[0]]) if len(idx) == 1 else orig(t, idx)
+        if Ellipsis in idx:
+            k = idx.index(Ellipsis)
+            fill = t.dim() - (len([i for i in idx if i is not None]) - 1)
+            idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+        out, dim = t, 0
+        for i in idx:
+            if i is None:
+                out, dim = aten.unsqueeze.default(out, dim), dim + 1
+            elif isinstance(i, int):
+                out = aten.select.int(out, dim, i)
+            else:
+                stop = (1 << 62) if i.stop is None else i.stop
+                out = aten.slice.Tensor(out, dim, i.start or 0, stop, i.step or 1)
+                dim += 1
+        return out
+
+    return getitem
+
+
+class SyncCounter:
+    """Counts, under FakeTensorMode, what would make the host wait for a GPU: device-to-host
+    copies, blocking host-to-device copies and scalar reads of device tensors (``bool``, ``item``:
+    FakeTensorMode raises on those, so any left in the head fails the test)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.syncs = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = str(func)
+                if name.startswith("aten._to_copy") and isinstance(args[0], torch.Tensor):
+                    src, dst = args[0].device.type, torch.device(kwargs.get("device", args[0].device)).type
+                    if src == "cuda" and dst == "cpu":
+                        counter.syncs.append("device-to-host copy")
+                    elif src == "cpu" and dst == "cuda" and not kwargs.get("non_blocking", False):
+                        counter.syncs.append("blocking host-to-device copy")
+                if name.startswith("aten._local_scalar_dense") and args[0].device.type == "cuda":
+                    counter.syncs.append("scalar read of a device tensor")
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_head_on_fake_cuda_tensors_places_everything_on_the_device_and_syncs_once(
+        monkeypatch, tiled, seeded):
+    """The vocabulary head for a batch of canvases (several row chunks, several tiles when tiled;
+    unseeded: per-row temperatures with a greedy row, the batched path; seeded: one request's
+    exact noise) on fake CUDA tensors: no device mismatch, no scalar read of a device tensor, no
+    blocking copy inside the head (noise and temperatures go through pinned memory), and the
+    results reach the host in one copy, however many chunks and tiles."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dgemma_vllm.refine.head import VocabSlice, canvas_head, to_host
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # NYI on fake tensors
+    # fake tensors take no generator: the draws (made on the host) lose theirs here, their values
+    # do not matter to a placement and synchronisation audit
+    rand, exponential = torch.rand, torch.Tensor.exponential_
+    monkeypatch.setattr(torch, "rand", lambda *a, generator=None, **kw: rand(*a, **kw))
+    monkeypatch.setattr(torch.Tensor, "exponential_",
+                        lambda self, lambd=1.0, generator=None: exponential(self, lambd))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", _fake_cuda_getitem())
+    V, H, n = 1024, 32, 48
+    gen = torch.Generator().manual_seed(0)
+    counter = SyncCounter()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        w = torch.empty(V, H, device="cuda")
+        hidden = torch.empty(n, H, device="cuda")
+        vs = VocabSlice(weight=w, start=0, size=V, vocab=V)
+        if seeded:
+            kw = dict(sched_t=0.7, temperature=1.0, exact_noise=True)
+        else:  # per row, as denoise_batch passes them; one greedy request's rows among them
+            temps = [1.0] * n
+            temps[3] = 0.0
+            kw = dict(sched_t=[0.7] * n, temperature=temps, exact_noise=False)
+        with counter.mode:
+            stats = canvas_head(hidden, vs, softcap=30.0, generator=gen, want_soft=True,
+                                emb_dtype=torch.float32, tile=256 if tiled else V,
+                                budget=16 * 256 if not seeded else 16 * V, **kw)
+            head_syncs = list(counter.syncs)
+            den, am, ent = to_host(stats.denoiser, stats.argmax, stats.entropy)
+        for t in (stats.denoiser, stats.argmax, stats.entropy, stats.soft):
+            assert t.device.type == "cuda"
+        assert den.device.type == am.device.type == ent.device.type == "cpu"
+        assert (den.dtype, am.dtype, ent.dtype) == (torch.int64, torch.int64, torch.float32)
+    assert head_syncs == [], head_syncs
+    assert counter.syncs == ["device-to-host copy"], counter.syncs
+
+
+def test_seeded_noise_on_the_device_is_reproducible_and_host_noise_is_the_reference(tiny_ckpt):
+    """``dgemma_seeded_noise="device"`` (the GPU default; here the "device" is the CPU, so the
+    generator is a second CPU generator): seeded requests are reproducible per seed, alone or in
+    a batch, and their draws are not the CPU reference's, which the host option reproduces."""
+    from vllm import SamplingParams
+
+    from conftest import start_llm, stop_llm
+    from dgemma_vllm import reference as ref
+
+    prompt = [9, 30, 41, 77, 120, 7, 8]
+    sp = lambda seed: SamplingParams(max_tokens=32, seed=seed, ignore_eos=True,  # noqa: E731
+                                     extra_args={"diffusion_max_steps": 3})
+    llm = start_llm(tiny_ckpt, max_model_len=256, hf_overrides={"dgemma_seeded_noise": "device"})
+    try:
+        def run(seeds, prompts=None):
+            outs = llm.generate([{"prompt_token_ids": p} for p in (prompts or [prompt] * len(seeds))],
+                                [sp(s) for s in seeds], use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs]
+
+        solo = run([5])[0]
+        again = run([5])[0]
+        batched = run([5, 6, 7], [prompt, [11, 12, 13], [40] * 20])[0]
+    finally:
+        stop_llm(llm)
+    assert solo == again == batched and len(solo) == 32
+    model = ref.load_reference(str(tiny_ckpt))
+    host = ref.generate(model, prompt, 5, max_new_tokens=32, max_denoising_steps=3)
+    assert solo != host  # not the reference's draws (the default host noise equals them:
+    # tests/test_parity.py, tests/test_engine.py)

@@ -448,3 +448,16 @@ def test_head_compile_falls_back_to_the_eager_passes(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="dgemma_vllm"):
         assert head.compiled_tile_stats(CAP) is None
     assert "dgemma_head_compile" in caplog.text and "no compiler here" in caplog.text
+
+
+def test_profile_head_runs_the_largest_chunks():
+    """The head's profiling pass (run inside vLLM's memory profile on a GPU) runs both paths at
+    their chunk sizes: the unseeded budget over the tile, the seeded noise rows of full width."""
+    from dgemma_vllm.refine.head import chunk_rows, profile_head
+
+    V, H = 4096, 32
+    vs = VocabSlice(weight=torch.randn(V, H) * 0.1, start=0, size=V, vocab=V)
+    rows, seeded = profile_head(vs, H, dtype=torch.float32, softcap=CAP, emb_dtype=torch.float32,
+                                tile=512, budget=1 << 16, seeded_budget=1 << 16)
+    assert (rows, seeded) == (128, 16)
+    assert chunk_rows(vs, 512, 1 << 16, exact_noise=False) == rows

@@ -16,6 +16,8 @@ Plugin options travel on the HF config (so every process sees them) and are set 
 - ``dgemma_steps_per_engine_step``: denoising steps run inside one engine step when the batch holds
   only denoising canvases (default 1; 1-16). Requests cannot join or leave inside such a group;
   it saves vLLM's per-step scheduling and process hand-off. Token-exact with 1.
+- ``dgemma_seeded_noise``: ``"host"`` or ``"device"``: where seeded requests draw the head's
+  sampling noise (``seeded_noise``; default host on CPU, device on GPU).
 - ``dgemma_fuse_commit``: run a canvas's commit pass and the next canvas's first denoising step in
   one forward (default true): the committed rows causal, the new canvas after them bidirectional,
   reading their K/V. Token-exact with false (one forward per canvas fewer).
@@ -33,7 +35,8 @@ ARCH = "DiffusionGemmaForBlockDiffusion"
 # dgemma_head_tile / dgemma_head_compile None: by device (HEAD_TILE_DEFAULTS / head_compile)
 OPTION_DEFAULTS = {"dgemma_canvas_window": "reference", "dgemma_head_tile": None,
                    "dgemma_steps_per_engine_step": 1, "dgemma_fuse_commit": True,
-                   "dgemma_head_compile": None}
+                   "dgemma_head_compile": None, "dgemma_seeded_noise": None}
+SEEDED_NOISE = ("host", "device")
 
 
 # Measured (benchmarks/RESULTS.md): on CPU [rows, 4096] fp32 temporaries stay in cache and a
@@ -64,6 +67,16 @@ def head_compile(options: dict, device_type: str) -> bool:
     return bool(c) if c is not None else device_type == "cpu"
 
 
+def seeded_noise(options: dict, device_type: str) -> str:
+    """Where seeded requests draw the head's sampling noise: ``host`` (the request's CPU generator
+    in the reference's order: token-exact with transformers on the CPU; on a GPU every denoising
+    step then draws rows x vocabulary numbers on the host and copies them over) or ``device`` (a
+    generator on the model's device seeded with the request's seed: reproducible per seed and
+    device, not equal to the CPU reference's draws). Default: host on CPU, device elsewhere."""
+    v = options["seeded_noise"]
+    return v if v is not None else ("host" if device_type == "cpu" else "device")
+
+
 def plugin_options(vllm_config) -> dict:
     hf = vllm_config.model_config.hf_config
     return {k.removeprefix("dgemma_"): getattr(hf, k, v) for k, v in OPTION_DEFAULTS.items()}
@@ -74,6 +87,9 @@ def validate_options(hf) -> None:
     window = getattr(hf, "dgemma_canvas_window", OPTION_DEFAULTS["dgemma_canvas_window"])
     if window not in ("reference", "symmetric"):
         raise ValueError(f"dgemma_canvas_window must be 'reference' or 'symmetric', got {window!r}")
+    noise = getattr(hf, "dgemma_seeded_noise", None)
+    if noise is not None and noise not in SEEDED_NOISE:
+        raise ValueError(f"dgemma_seeded_noise must be 'host' or 'device', got {noise!r}")
     for name in ("dgemma_fuse_commit", "dgemma_head_compile"):
         v = getattr(hf, name, OPTION_DEFAULTS[name])
         if not isinstance(v, bool) and not (v is None and name == "dgemma_head_compile"):

@@ -26,15 +26,16 @@ import numpy as np
 import torch
 
 from dgemma_vllm.model.dgemma import StepInputs, softcap_of
-from dgemma_vllm.refine.head import (compiled_tile_stats, denoise_batch, denoise_step, head_logits,
-                                     is_tiled)
+from dgemma_vllm.refine.device import to_device
+from dgemma_vllm.refine.head import (compiled_tile_stats, finish_steps, head_batch, head_logits,
+                                     head_step, is_tiled, profile_head)
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
                                        server_overrides)
 from dgemma_vllm.refine.sampler import CanvasState, temperature
 
 from . import vllm_api as V
 from .config import (canvas_length_of, canvas_positions, head_budget, head_compile, head_tile,
-                     plugin_options)
+                     plugin_options, seeded_noise)
 
 logger = logging.getLogger("dgemma_vllm")
 
@@ -76,10 +77,10 @@ def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
     if ranges is not None:  # request index -> its ranges, for each of its sequences
         ranges = {j: list(ranges[r]) for j, r in enumerate(idx) if r in ranges}
     changes = dict(
-        num_reqs=len(idx), query_start_loc=qsl_cpu.to(dev), query_start_loc_cpu=qsl_cpu,
-        seq_lens=seq_t.to(cm.seq_lens.device),
+        num_reqs=len(idx), query_start_loc=to_device(qsl_cpu, dev), query_start_loc_cpu=qsl_cpu,
+        seq_lens=to_device(seq_t, cm.seq_lens.device),
         seq_lens_cpu_upper_bound=None if cm.seq_lens_cpu_upper_bound is None else seq_t.clone(),
-        causal=torch.tensor(new_causal, dtype=torch.int32).to(dev),
+        causal=to_device(torch.tensor(new_causal, dtype=torch.int32), dev),
         max_query_len=int(max(b - a for a, b in zip(new_qsl, new_qsl[1:]))),
         max_seq_len=max(cm.max_seq_len, max(new_seq)),
         block_table_tensor=_take_rows(cm.block_table_tensor, idx),
@@ -130,7 +131,7 @@ def _take_rows(v, idx: list[int]):
     """Rows `idx` of a per-request tensor or array (on its own device)."""
     if isinstance(v, np.ndarray):
         return v[idx]
-    return v.index_select(0, torch.tensor(idx, dtype=torch.long).to(v.device))
+    return v.index_select(0, to_device(torch.tensor(idx, dtype=torch.long), v.device))
 
 
 class DGemmaRunnerMixin:
@@ -159,6 +160,7 @@ class DGemmaRunnerMixin:
         self.dg_head_tile = head_tile(opts, device_type)
         self.dg_head_budget = head_budget(device_type)
         self.dg_cpu = device_type == "cpu"
+        self.dg_seeded_noise = seeded_noise(opts, device_type)
         # GPU + the reference window: canvas rows as causal sequences with a prefix range (the
         # CPU backend applies the rule itself, engine/attention.py)
         self.dg_ranges_window = (int(mc.hf_config.text_config.sliding_window)
@@ -227,7 +229,12 @@ class DGemmaRunnerMixin:
                 gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
             # Seeded requests draw the reference's noise in the reference's order; unseeded ones
             # use the cheaper one-uniform-per-position sampler (same distribution).
+            noise_gen = None
+            if sp.seed is not None and self.dg_seeded_noise == "device":
+                noise_gen = torch.Generator(device=self.device)
+                noise_gen.manual_seed(int(sp.seed))
             st = CanvasState(params=params, vocab_size=self.dg_vocab, generator=gen,
+                             noise_generator=noise_gen,
                              exact_noise=sp.seed is not None or self.dg_exact_unseeded)
             st.knobs = parse_request_knobs(sp.extra_args, self.dg_canvas, self.dg_vocab)
             self.dg_states[req_id] = st
@@ -299,7 +306,7 @@ class DGemmaRunnerMixin:
             softs.append((self.dg_states[req_id].soft, n))
         device = logits_indices.device
         if rows:
-            canvas_rows = torch.from_numpy(np.concatenate(rows)).to(device)
+            canvas_rows = to_device(torch.from_numpy(np.concatenate(rows)), device)
         else:
             canvas_rows = torch.zeros(0, dtype=torch.int64, device=device)
         soft = assemble_soft(softs, self.model_config.hf_config.text_config.hidden_size, device)
@@ -381,7 +388,7 @@ class DGemmaRunnerMixin:
                 def build(cm, *a, _orig=orig, **kw):
                     if cm.num_reqs == causal.shape[0]:
                         cm = split_fused(cm, causal, split) if split else dataclasses.replace(
-                            cm, causal=causal.to(cm.query_start_loc.device))
+                            cm, causal=to_device(causal, cm.query_start_loc.device))
                         if ranges_window:
                             cm = reference_window_metadata(cm, ranges_window)
                     return _orig(cm, *a, **kw)
@@ -396,22 +403,38 @@ class DGemmaRunnerMixin:
             self.dg_causal = None
 
     # ------------------------------------------------------------------ sampling
+    def _dg_vocab(self):
+        """This rank's vocabulary slice for the head, built on first use (after weight loading)."""
+        if self.dg_vocab_slice is None:
+            vs = self._dg_model().vocab_slice()
+            if self.dg_cpu:  # the tiles' GEMMs pre-packed, as vLLM's linears
+                vs.tile_matmul = V.cpu_head_tile_matmul(vs.weight)
+                vs.soft_matmul = V.cpu_head_soft_matmul(vs.soft_weight)
+            vs.tile_stats = self.dg_tile_stats
+            self.dg_vocab_slice = vs
+        return self.dg_vocab_slice
+
+    def _dummy_sampler_run(self, hidden_states):
+        """vLLM's (its sampler on dummy rows, inside its memory profiling on a GPU), then the
+        plugin's head once at its largest chunk, so that the head's temporaries are counted in
+        the memory vLLM leaves for the KV cache. Not on the CPU (no such profiling there)."""
+        out = super()._dummy_sampler_run(hidden_states)
+        if not self.dg_cpu:
+            model = self._dg_model()
+            profile_head(self._dg_vocab(), hidden_states.shape[-1], dtype=hidden_states.dtype,
+                         softcap=self.dg_softcap, emb_dtype=model.model.embed_tokens.weight.dtype,
+                         tile=self.dg_head_tile, budget=self.dg_head_budget)
+        return out
+
     def _dg_denoise_all(self, entries, hidden):
         """One denoising step for every (req_id, row, offset, n) entry from the canvas rows'
         hidden states: seeded requests one by one (their own generators, the reference's draw
         order), unseeded ones together in one head pass and one batched update."""
         model = self._dg_model()
-        if self.dg_vocab_slice is None:
-            self.dg_vocab_slice = model.vocab_slice()
-            if self.dg_cpu:  # the tiles' GEMMs pre-packed, as vLLM's linears
-                vs = self.dg_vocab_slice
-                vs.tile_matmul = V.cpu_head_tile_matmul(vs.weight)
-                vs.soft_matmul = V.cpu_head_soft_matmul(vs.soft_weight)
-            self.dg_vocab_slice.tile_stats = self.dg_tile_stats
-        vs = self.dg_vocab_slice
+        vs = self._dg_vocab()
         kw = dict(softcap=self.dg_softcap, emb_dtype=model.model.embed_tokens.weight.dtype,
                   normalizer=model.model.normalizer, tile=self.dg_head_tile)
-        batch = []
+        batch, pending = [], []  # pending: (request ids, PendingStep)
         self.dg_canvas_forwards += bool(entries)
         self.dg_head_rows += hidden.shape[0]  # all rows vLLM's logits step handed over
         for req_id, row, off, n in entries:
@@ -428,33 +451,41 @@ class DGemmaRunnerMixin:
                     sched_t = temperature(st.params, st.cur_step)
                     full = head_logits(rows, vs.weight[: vs.size], self.dg_softcap)
                     self._dg_record(req_id, row, st, full)
-                denoise_step(st, rows, vs, **kw)
+                pending.append(([req_id], head_step(st, rows, vs, **kw)))
                 if self.dg_capture_dir:
                     st._sc_logits = full / sched_t
             except Exception as exc:  # noqa: BLE001 - this request only
                 self._dg_fail(req_id, "denoising step", exc)
         if batch:
             try:
-                self._dg_denoise_batch(batch, vs, kw)
+                pending.append(self._dg_head_batch(batch, vs, kw))
             except Exception:  # noqa: BLE001 - find the request(s) at fault, one by one
                 for item in batch:
                     try:
-                        self._dg_denoise_batch([item], vs, kw)
+                        pending.append(self._dg_head_batch([item], vs, kw))
                     except Exception as exc:  # noqa: BLE001
                         self._dg_fail(item[0], "denoising step", exc)
+        # every head's rows reach the host in one copy, then each request's update
+        owners = {id(p): ids for ids, p in pending}
+
+        def failed(p, exc):
+            for req_id in owners[id(p)]:
+                self._dg_fail(req_id, "denoising step", exc)
+
+        finish_steps([p for _, p in pending], kw["normalizer"], on_error=failed)
         for req_id, _, _, _ in entries:
             st = self.dg_states.get(req_id)
             if st is not None and st.knobs.stream_drafts and st.commit is None:
                 self.dg_drafts[req_id] = (st.argmax[0].tolist(), st.steps_this_canvas)
 
-    def _dg_denoise_batch(self, batch, vs, kw) -> None:
-        """Unseeded requests' step in one head pass: `batch` holds (req_id, state, rows)."""
+    def _dg_head_batch(self, batch, vs, kw):
+        """Unseeded requests' head in one pass: `batch` holds (req_id, state, rows)."""
         for req_id, _, _ in batch:
             self._dg_inject("head", req_id)
         states = [st for _, st, _ in batch]
         rows = torch.cat([r for _, _, r in batch]) if len(batch) > 1 else batch[0][2]
-        denoise_batch(states, rows, vs, generator=self.dg_batch_gen, budget=self.dg_head_budget,
-                      **kw)
+        return [r for r, _, _ in batch], head_batch(states, rows, vs, generator=self.dg_batch_gen,
+                                                    budget=self.dg_head_budget, **kw)
 
     def _dg_entries(self, plan):
         entries, off = [], 0
@@ -506,7 +537,7 @@ class DGemmaRunnerMixin:
             if any(st.commit is not None for st in states):
                 self.dg_applied = True  # this forward's step is done; _sample returns no token
                 return out
-            input_ids[rows] = torch.cat([st.canvas[0] for st in states]).to(input_ids.device,
+            input_ids[rows] = to_device(torch.cat([st.canvas[0] for st in states]), input_ids.device).to(
                                                                              input_ids.dtype)
             self._dg_model().set_step(StepInputs(canvas_rows=rows,
                                                  soft_embeds=torch.cat([st.soft for st in states])))
@@ -556,7 +587,7 @@ class DGemmaRunnerMixin:
         for row, toks in enumerate(out):
             if toks:
                 sampled[row, : len(toks)] = torch.tensor(toks, dtype=torch.int32)
-        return V.SamplerOutput(sampled_token_ids=sampled.to(self.device), logprobs_tensors=None)
+        return V.SamplerOutput(sampled_token_ids=to_device(sampled, self.device), logprobs_tensors=None)
 
     # ------------------------------------------------------------------ capture (tests)
     def _dg_record(self, req_id, row, st, lg):

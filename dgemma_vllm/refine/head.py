@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .device import to_device, to_host
 from .sampler import (CanvasState, apply_step, apply_steps, entropy, sample_inverse_cdf,
                       temperature)
 
@@ -82,6 +83,13 @@ class VocabSlice:
         return self.weight if self.embed is None else self.embed
 
 
+class RowFlags(NamedTuple):
+    """Host-side facts of a chunk's per-row temperatures (several unseeded requests at once)."""
+
+    all_greedy: bool  # every row has temperature 0
+    unit: bool  # every sampled row has temperature 1 (greedy rows aside)
+
+
 class RowStats(NamedTuple):
     denoiser: torch.Tensor  # [n] int64 sampled tokens (the argmax when greedy)
     argmax: torch.Tensor  # [n] int64
@@ -114,73 +122,153 @@ def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t
                 budget: int = DEFAULT_BUDGET) -> RowStats:
     """Row statistics of canvas rows (``hidden``: ``[n, H]``); see the module doc. One request:
     `sched_t` a 0-d tensor and `temperature` a float. Several requests at once (unseeded only):
-    both per row, ``[n]`` tensors (the schedule temperature of each row's request, its
-    temperature; 0 = greedy)."""
-    per_row = isinstance(temperature, torch.Tensor)
+    both per row, ``[n]`` host tensors or sequences of floats (the schedule temperature of each
+    row's request, its temperature; 0 = greedy)."""
+    per_row = isinstance(temperature, (torch.Tensor, list, tuple))
     if per_row and exact_noise:
         raise ValueError("per-row parameters are for unseeded requests (exact_noise=False)")
     cols = max(1, min(tile, vs.max_size or vs.size))
-    rows = max(1, budget // min(vs.vocab, cols))
-    if exact_noise and temperature != 0.0:  # the noise is drawn a full row at a time
-        rows = max(1, budget // vs.vocab)
+    # seeded: the noise is drawn a full row at a time
+    rows = chunk_rows(vs, tile, budget, exact_noise=exact_noise and temperature != 0.0)
     step = _tiled_chunk if is_tiled(vs.size, vs.ranks, tile) else _exact_chunk
+
+    if per_row:  # host values (Python floats): every decision below is made without the device
+        temps = temperature.tolist() if isinstance(temperature, torch.Tensor) else list(temperature)
+        scheds = sched_t.tolist() if isinstance(sched_t, torch.Tensor) else list(sched_t)
 
     def chunk_params(i):
         if not per_row:
             return sched_t, temperature
         dev = hidden.device
-        return (sched_t[i:i + rows, None].to(dev, torch.float32),
-                temperature[i:i + rows, None].to(dev, torch.float32))
+        t, st = temps[i:i + rows], scheds[i:i + rows]
+        flags = RowFlags(all_greedy=all(x == 0 for x in t), unit=all(x in (0.0, 1.0) for x in t))
+        col = lambda v: to_device(torch.tensor(v, dtype=torch.float32).unsqueeze(1), dev)  # noqa: E731
+        return col(st), col(t), flags
 
-    parts = [step(hidden[i:i + rows], vs, cols, softcap, *chunk_params(i), generator,
-                  exact_noise, want_soft, emb_dtype) for i in range(0, hidden.shape[0], rows)]
+    parts = [step(hidden[i:i + rows], vs, cols, softcap, *chunk_params(i), generator=generator,
+                  exact_noise=exact_noise, want_soft=want_soft, emb_dtype=emb_dtype)
+             for i in range(0, hidden.shape[0], rows)]
     den, am, ent, soft = zip(*parts)
     return RowStats(torch.cat(den), torch.cat(am), torch.cat(ent),
                     torch.cat(soft) if want_soft else None)
 
 
+def chunk_rows(vs: VocabSlice, tile: int, budget: int, exact_noise: bool) -> int:
+    """Rows of one chunk of ``canvas_head`` (its temporaries are ``[rows, min(vocab, tile)]``,
+    and ``[rows, vocab]`` noise for seeded requests)."""
+    cols = max(1, min(tile, vs.max_size or vs.size))
+    if exact_noise:
+        return max(1, budget // vs.vocab)
+    return max(1, budget // min(vs.vocab, cols))
+
+
 @torch.no_grad()
-def denoise_step(state: CanvasState, hidden: torch.Tensor, vs: VocabSlice, *, softcap: float,
-                 emb_dtype: torch.dtype, normalizer: torch.Tensor, tile: int = DEFAULT_TILE,
-                 budget: int = DEFAULT_BUDGET) -> None:
-    """One denoising step of one request from its canvas rows' hidden states ``[n, H]``: the
-    tiled head, then the per-row update; keeps the self-conditioning soft embeddings
-    (``softmax(processed) @ E * sqrt(H)``) in ``state.soft`` when the canvas goes on."""
+def profile_head(vs: VocabSlice, hidden_size: int, *, dtype: torch.dtype, softcap: float,
+                 emb_dtype: torch.dtype, tile: int, budget: int, seeded_budget: int = DEFAULT_BUDGET,
+                 device=None) -> tuple[int, int]:
+    """Run the head once at its largest chunk, unseeded (at `budget`) and seeded (its noise rows
+    at `seeded_budget`), on random hidden states, so that an engine's memory profiling (vLLM's
+    profile run on a GPU) sees the head's temporaries. Draws from throwaway generators. Returns
+    the two chunk sizes (rows)."""
+    device = device or vs.weight.device
+    rows = chunk_rows(vs, tile, budget, exact_noise=False)
+    seeded = chunk_rows(vs, tile, seeded_budget, exact_noise=True)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.rand(max(rows, seeded), hidden_size, device=device, dtype=dtype)
+    canvas_head(h[:rows], vs, softcap=softcap, sched_t=[1.0] * rows, temperature=[1.0] * rows,
+                generator=gen, exact_noise=False, want_soft=True, emb_dtype=emb_dtype, tile=tile,
+                budget=budget)
+    canvas_head(h[:seeded], vs, softcap=softcap, sched_t=torch.tensor(1.0), temperature=1.0,
+                generator=gen, exact_noise=True, want_soft=True, emb_dtype=emb_dtype, tile=tile,
+                budget=seeded_budget)
+    return rows, seeded
+
+
+class PendingStep(NamedTuple):
+    """A denoising step whose head has run (statistics on the model's device) and whose per-row
+    update has not: steps of several requests are finished together (``finish_steps``), with one
+    device-to-host copy for all of them."""
+
+    states: list[CanvasState]
+    stats: RowStats
+    generator: torch.Generator | None  # the batch's shared generator (None: one seeded state)
+
+
+@torch.no_grad()
+def head_step(state: CanvasState, hidden: torch.Tensor, vs: VocabSlice, *, softcap: float,
+              emb_dtype: torch.dtype, tile: int = DEFAULT_TILE,
+              budget: int = DEFAULT_BUDGET, **_) -> PendingStep:
+    """The head of one request's denoising step (its own generator and schedule temperature)."""
     p = state.params
     stats = canvas_head(hidden, vs, softcap=softcap, sched_t=temperature(p, state.cur_step),
-                        temperature=p.temperature, generator=state.generator,
+                        temperature=p.temperature,
+                        generator=state.noise_generator or state.generator,
                         exact_noise=state.exact_noise, want_soft=state.cur_step > 1,
                         emb_dtype=emb_dtype, tile=tile, budget=budget)
-    apply_step(state, stats.denoiser.cpu(), stats.argmax.cpu(), stats.entropy.cpu())
-    state.soft = None if state.commit is not None else stats.soft * normalizer.to(stats.soft.dtype)
+    return PendingStep([state], stats, None)
 
 
 @torch.no_grad()
-def denoise_batch(states: list[CanvasState], hidden: torch.Tensor, vs: VocabSlice, *,
-                  softcap: float, emb_dtype: torch.dtype, normalizer: torch.Tensor,
-                  generator: torch.Generator, tile: int = DEFAULT_TILE,
-                  budget: int = DEFAULT_BUDGET) -> None:
-    """One denoising step of several unseeded requests at once (their canvas rows' hidden states
-    concatenated, ``[sum n, H]``): one head pass with per-row schedule temperatures, draws from one
-    shared `generator` (the same on every rank), then the batched per-row update."""
+def head_batch(states: list[CanvasState], hidden: torch.Tensor, vs: VocabSlice, *,
+               softcap: float, emb_dtype: torch.dtype, generator: torch.Generator,
+               tile: int = DEFAULT_TILE, budget: int = DEFAULT_BUDGET, **_) -> PendingStep:
+    """The head of several unseeded requests' step at once (their canvas rows' hidden states
+    concatenated, ``[sum n, H]``): per-row schedule temperatures, draws from one shared
+    `generator` (the same on every rank)."""
     ns = [st.length for st in states]
-    sched = torch.cat([temperature(st.params, st.cur_step).reshape(1).expand(n)
-                       for st, n in zip(states, ns)])
-    temps = torch.cat([torch.full((n,), float(st.params.temperature)) for st, n in zip(states, ns)])
+    # per row, as host floats (the fp32 schedule value round-trips exactly through a float)
+    sched = [v for st, n in zip(states, ns) for v in [float(temperature(st.params, st.cur_step))] * n]
+    temps = [v for st, n in zip(states, ns) for v in [float(st.params.temperature)] * n]
     stats = canvas_head(hidden, vs, softcap=softcap, sched_t=sched, temperature=temps,
                         generator=generator, exact_noise=False,
                         want_soft=any(st.cur_step > 1 for st in states), emb_dtype=emb_dtype,
                         tile=tile, budget=budget)
-    apply_steps(states, stats.denoiser.cpu(), stats.argmax.cpu(), stats.entropy.cpu(), generator)
-    o = 0
-    for st, n in zip(states, ns):
-        st.soft = None if st.commit is not None else stats.soft[o:o + n] * normalizer.to(stats.soft.dtype)
-        o += n
+    return PendingStep(list(states), stats, generator)
 
 
-def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, want_soft, emb_dtype):
+@torch.no_grad()
+def finish_steps(pending: list[PendingStep], normalizer: torch.Tensor, on_error=None) -> None:
+    """The per-row updates of `pending` steps (acceptance, renoising, stopping), their sampled,
+    argmax and entropy rows brought to the host in one copy; keeps each canvas's
+    self-conditioning soft embeddings (``softmax(processed) @ E * sqrt(H)``) in ``state.soft``
+    (on the device) when it goes on. ``on_error(pending_step, exc)``, if given, takes an
+    exception of one step's update and the others go on."""
+    host = to_host(*[t for p in pending for t in (p.stats.denoiser, p.stats.argmax, p.stats.entropy)])
+    for k, p in enumerate(pending):
+        try:
+            den, am, ent = host[3 * k: 3 * k + 3]
+            if p.generator is None:
+                apply_step(p.states[0], den, am, ent)
+            else:
+                apply_steps(p.states, den, am, ent, p.generator)
+            soft, o = p.stats.soft, 0
+            for st in p.states:
+                n = st.length
+                st.soft = None if st.commit is not None else soft[o:o + n] * normalizer.to(soft.dtype)
+                o += n
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's per-request handling
+            if on_error is None:
+                raise
+            on_error(p, exc)
+
+
+def denoise_step(state: CanvasState, hidden: torch.Tensor, vs: VocabSlice, *,
+                 normalizer: torch.Tensor, **kw) -> None:
+    """One denoising step of one request from its canvas rows' hidden states ``[n, H]``."""
+    finish_steps([head_step(state, hidden, vs, **kw)], normalizer)
+
+
+def denoise_batch(states: list[CanvasState], hidden: torch.Tensor, vs: VocabSlice, *,
+                  normalizer: torch.Tensor, **kw) -> None:
+    """One denoising step of several unseeded requests at once (see ``head_batch``)."""
+    finish_steps([head_batch(states, hidden, vs, **kw)], normalizer)
+
+
+def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, generator,
+                 exact_noise, want_soft, emb_dtype):
     """One tile on one rank: the reference's own operations, row chunk by row chunk (row-wise
     operations and row-major noise make this bit-identical to the whole canvas at once)."""
+    gen = generator
     w = vs.weight[: vs.size]
     logits = head_logits(h, w, softcap)
     processed = logits / sched_t
@@ -188,7 +276,7 @@ def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
     if isinstance(temperature, torch.Tensor):  # several unseeded requests: per-row temperature
         greedy = temperature == 0
         t = torch.where(greedy, 1.0, temperature)
-        scaled = processed if bool((t == 1.0).all()) else logits / (sched_t * t)
+        scaled = processed if flags.unit else logits / (sched_t * t)
         drawn = sample_inverse_cdf(torch.softmax(scaled, dim=-1, dtype=torch.float32), gen)
         denoiser = torch.where(greedy[:, 0], processed.argmax(-1), drawn)
     elif temperature == 0.0:
@@ -199,8 +287,9 @@ def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
         probs = sample_probs if temperature == 1.0 else None
         if exact_noise:  # multinomial(p, 1) is argmax(p / q), q ~ Exp(1) per entry (ATen);
             # spelled out so the request's CPU generator also serves tensors on a GPU
-            q = torch.empty(sample_probs.shape, dtype=torch.float32).exponential_(1, generator=gen)
-            denoiser = (sample_probs / q.to(sample_probs.device)).argmax(-1)
+            q = torch.empty(sample_probs.shape, dtype=torch.float32,
+                            device=_draw_device(gen)).exponential_(1, generator=gen)
+            denoiser = (sample_probs / to_device(q, sample_probs.device)).argmax(-1)
         else:
             denoiser = sample_inverse_cdf(sample_probs, gen)
     argmax = processed.argmax(-1)
@@ -284,26 +373,30 @@ def merge(m1, s1, d1, m2, s2, d2):
     return m, s, d, (a, b)
 
 
-def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, want_soft, emb_dtype):
+def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, generator,
+                 exact_noise, want_soft, emb_dtype):
+    gen = generator
     k = h.shape[0]
     tiles = math.ceil((vs.max_size or vs.size) / cols)
     greedy = None
     if isinstance(temperature, torch.Tensor):  # several unseeded requests: per-row temperature
         greedy = temperature == 0
-        sampling = not bool(greedy.all())
+        sampling = not flags.all_greedy
         temperature = torch.where(greedy, 1.0, temperature)
-        if bool((temperature == 1.0).all()):  # the common case: sample from `z` itself (the
-            temperature = 1.0  # same values as logits / (sched_t * 1), four passes fewer a tile)
+        if flags.unit:  # the common case: sample from `z` itself (the same values as
+            temperature = 1.0  # logits / (sched_t * 1), four passes fewer a tile)
     else:
         sampling = temperature != 0.0
     keep_logits = sampling and (isinstance(temperature, torch.Tensor) or temperature != 1.0)
     noise = uni = None
     if sampling and exact_noise:  # every rank draws the same full rows, in the reference's order
-        noise = torch.empty(k, vs.vocab, dtype=torch.float32).exponential_(1, generator=gen)
-        noise = noise.to(h.device)
+        noise = torch.empty(k, vs.vocab, dtype=torch.float32,
+                            device=_draw_device(gen)).exponential_(1, generator=gen)
+        noise = to_device(noise, h.device)
     elif sampling:  # two uniforms per (row, tile of any rank), then one per rank merge
-        uni = torch.rand(k, vs.ranks * tiles * 2 + vs.ranks, generator=gen, dtype=torch.float64)
-        uni = uni.to(h.device)
+        uni = torch.rand(k, vs.ranks * tiles * 2 + vs.ranks, generator=gen, dtype=torch.float64,
+                         device=_draw_device(gen))
+        uni = to_device(uni, h.device)
     stats = _Online()  # processed distribution (entropy; soft embeddings when fp32)
     soft_stats = _Online() if want_soft and emb_dtype != torch.float32 else None
     best_v = best_i = smp_v = smp_i = None
@@ -400,6 +493,12 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, gen, exact_noise, w
     if greedy is not None and sampling:
         denoiser = torch.where(greedy[:, 0], best_i, smp_i)
     return denoiser, best_i, ent, soft
+
+
+def _draw_device(gen: torch.Generator | None):
+    """Where a generator's draws are made: its own device (a request's GPU generator draws on
+    the GPU; the reference's CPU generator on the host)."""
+    return gen.device if gen is not None else "cpu"
 
 
 def _soft_product(vs, c0, c1):

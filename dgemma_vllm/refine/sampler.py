@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import to_device
+
 from .params import DiffusionParams
 
 
@@ -28,6 +30,9 @@ class CanvasState:
     params: DiffusionParams
     vocab_size: int
     generator: torch.Generator | None
+    # the head's sampling noise, when not `generator` (``dgemma_seeded_noise="device"``: a
+    # generator on the model's device, seeded like `generator`)
+    noise_generator: torch.Generator | None = None
     exact_noise: bool = True  # reference-order multinomial draws (seeded requests)
     canvas: torch.Tensor | None = None  # [1, n] current (noisy) canvas
     argmax: torch.Tensor | None = None  # [1, n] argmax canvas of the last step
@@ -99,8 +104,9 @@ def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -
     unseeded requests: ``multinomial`` draws one exponential per vocabulary entry, which on CPU
     costs more than the rest of the sampler. Same distribution, different random stream."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype)
-    u = u.to(cdf.device) * cdf[..., -1:]
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype,
+                   device=generator.device if generator is not None else "cpu")
+    u = to_device(u, cdf.device) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
