@@ -28,10 +28,10 @@ import os
 import pytest
 import torch
 
-from conftest import checkpoint, start_llm, stop_llm
+from conftest import checkpoint
 from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS, get_geometry
-from test_parity import _reference_step_logits, make_requests, rel_err
+from test_parity import _reference_step_logits, make_requests, run_captured
 
 # Per canvas row, the largest |logit difference| over the vocabulary relative to the forward's
 # largest |logit|. Its median must be within BF16_TOL, and its median, p90 and p99 within
@@ -49,25 +49,12 @@ QK_NORM_SCALE = 0.1
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from vllm import SamplingParams
-
     path = checkpoint(GEOMETRY, qk_norm_scale=QK_NORM_SCALE)
     reqs = make_requests(GEOMETRY, n=6, seed=3)
     capture = tmp_path_factory.mktemp("capture_bf16")
-    llm = start_llm(path, capture_dir=str(capture), dtype="auto",
-                    hf_overrides={"dgemma_head_tile": 256})
-    try:
-        assert llm.llm_engine.model_config.dtype == torch.bfloat16
-        params = [SamplingParams(max_tokens=r.max_tokens, seed=r.seed,
-                                 extra_args={"diffusion_max_steps": r.steps}) for r in reqs]
-        outs = llm.generate([{"prompt_token_ids": r.prompt} for r in reqs], params, use_tqdm=False)
-        got = [list(o.outputs[0].token_ids) for o in outs]
-        req_ids = [o.request_id for o in outs]
-    finally:
-        stop_llm(llm)
-    caps = {}
-    for f in capture.glob("*.pt"):
-        caps[f.stem.rsplit("-", 1)[0]] = torch.load(f)
+    got, req_ids, caps = run_captured(path, reqs, capture, dtype="auto",
+                                      hf_overrides={"dgemma_head_tile": 256})
+    assert run_captured.last_dtype == torch.bfloat16
     yield dict(path=path, reqs=reqs, got=got, req_ids=req_ids, caps=caps)
 
 

@@ -128,6 +128,30 @@ def find_eos_request(model, geometry: str) -> Req:
     raise AssertionError("no seed in 0..499 gives an EOS inside a canvas")
 
 
+def run_captured(path, reqs: list[Req], capture, **engine):
+    """One engine on `path` (a capture directory set) runs `reqs` as one batch: their tokens,
+    request ids and each request's captured canvas forwards (request id -> list)."""
+    from vllm import SamplingParams
+
+    llm = start_llm(path, capture_dir=str(capture), **engine)
+    try:
+        params = [SamplingParams(max_tokens=r.max_tokens, seed=r.seed,
+                                 extra_args={"diffusion_max_steps": r.steps}) for r in reqs]
+        outs = llm.generate([{"prompt_token_ids": r.prompt} for r in reqs], params, use_tqdm=False)
+        got = [list(o.outputs[0].token_ids) for o in outs]
+        req_ids = [o.request_id for o in outs]
+        config = llm.llm_engine.model_config
+    finally:
+        stop_llm(llm)
+    caps = {rid: [] for rid in req_ids}
+    for f in capture.glob("*.pt"):  # vLLM appends a suffix to the user's request id internally
+        rid = f.stem.rsplit("-", 1)[0]
+        if rid in caps:
+            caps[rid] = torch.load(f)
+    run_captured.last_dtype = config.dtype
+    return got, req_ids, caps
+
+
 CASES = {
     "tiny": dict(geometry="tiny", ckpt={}, engine={}),
     "small": dict(geometry="small", ckpt={}, engine={}),
@@ -138,8 +162,6 @@ CASES = {
 
 @pytest.fixture(scope="module", params=list(CASES))
 def run(request, tmp_path_factory):
-    from vllm import SamplingParams
-
     case = CASES[request.param]
     geometry = case["geometry"]
     path = checkpoint(geometry, **case["ckpt"])
@@ -148,20 +170,7 @@ def run(request, tmp_path_factory):
     reqs.append(find_eos_request(model, geometry))
     want.append(expected_tokens(model, reqs[-1]))
     capture = tmp_path_factory.mktemp(f"capture_{request.param}")
-    llm = start_llm(path, capture_dir=str(capture), **case["engine"])
-    try:
-        params = [SamplingParams(max_tokens=r.max_tokens, seed=r.seed,
-                                 extra_args={"diffusion_max_steps": r.steps}) for r in reqs]
-        outs = llm.generate([{"prompt_token_ids": r.prompt} for r in reqs], params, use_tqdm=False)
-        got = [list(o.outputs[0].token_ids) for o in outs]
-        req_ids = [o.request_id for o in outs]
-    finally:
-        stop_llm(llm)
-    caps = {rid: [] for rid in req_ids}
-    for f in capture.glob("*.pt"):  # vLLM appends a suffix to the user's request id internally
-        rid = f.stem.rsplit("-", 1)[0]
-        if rid in caps:
-            caps[rid] = torch.load(f)
+    got, req_ids, caps = run_captured(path, reqs, capture, **case["engine"])
     yield dict(name=request.param, geometry=geometry, model=model, reqs=reqs, want=want, got=got,
                req_ids=req_ids, caps=caps)
 
