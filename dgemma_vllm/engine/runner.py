@@ -34,14 +34,13 @@ from dgemma_vllm.refine.params import (from_generation_config, parse_request_kno
 from dgemma_vllm.refine.sampler import CanvasState, temperature
 
 from . import vllm_api as V
+from .plan import (COMMIT, DENOISE, FUSED, IDLE, LAST, PREFILL, RowPlan, RowView, StepPlan,
+                   plan_step)
 from .config import (canvas_length_of, canvas_positions, head_budget, head_compile, head_tile,
                      plugin_options, seeded_noise)
 
 logger = logging.getLogger("dgemma_vllm")
 
-PREFILL, DENOISE, COMMIT, IDLE = "prefill", "denoise", "commit", "idle"
-FUSED = "fused"  # a commit and the first denoising step of the next canvas, in one forward
-LAST = "last"  # the commit that ends the request: one row computed, all its tokens returned
 
 
 def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
@@ -145,8 +144,8 @@ class DGemmaRunnerMixin:
         self.dg_defaults = from_generation_config(
             mc.model if os.path.isdir(mc.model) else None).with_overrides(server_overrides(mc.hf_config))
         self.dg_states: dict[str, CanvasState] = {}
-        self.dg_plan: list[tuple[str, str, int]] | None = None
-        self.dg_causal: torch.Tensor | None = None
+        self.dg_step: StepPlan | None = None  # this step's plan (engine/plan.py)
+        self.dg_attn_plan: StepPlan | None = None  # the same, until the attention metadata took it
         self.dg_steps = 0
         self.dg_debug_steps = bool(os.environ.get("DGEMMA_DEBUG_STEPS"))  # print per-step timing
         # Test hook: record (prefix length, canvas ids, self-conditioning logits, logits) of
@@ -183,7 +182,6 @@ class DGemmaRunnerMixin:
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
         self.dg_ready: dict[str, list[int]] = {}  # requests whose next step commits (their ids)
         self.dg_fused_ids: dict[str, torch.Tensor] = {}  # committed ids of this step's fused rows
-        self.dg_split: dict[int, int] = {}
         # noise of unseeded requests, drawn for all of them at once; the same on every rank
         self.dg_batch_gen = torch.Generator(device="cpu")
         self.dg_batch_gen.manual_seed(int(self.model_config.seed or 0) + 0x5EED)
@@ -273,35 +271,24 @@ class DGemmaRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         num_reqs = self.input_batch.num_reqs
         spec = scheduler_output.scheduled_spec_decode_tokens
-        plan: list[tuple[str, str, int]] = []
-        causal = np.ones(num_reqs, dtype=np.int32)
-        split: dict[int, int] = {}  # fused rows: row -> committed tokens ahead of the canvas
         self.dg_fused_ids = {}
-        for row in range(num_reqs):
-            req_id = self.input_batch.req_ids[row]
-            drafts = spec.get(req_id)
-            if not drafts:
-                plan.append((req_id, PREFILL, 0))
-                continue
-            n = len(drafts)
-            if req_id in self.dg_failed:  # ended with an error already: compute nothing
-                plan.append((req_id, IDLE, n))
-                continue
-            try:
-                entry = self._dg_plan_row(row, req_id, n, causal, split)
-            except Exception as exc:  # noqa: BLE001 - one request's fault must not end the engine
-                self._dg_fail(req_id, "step planning", exc)
-                entry = (req_id, IDLE, n)
-                causal[row] = 1
-                split.pop(row, None)
-            plan.append(entry)
+        # the step's decisions: a pure function of what each row's state says (engine/plan.py)
+        plan = plan_step([self._dg_view(row, spec) for row in range(num_reqs)])
+        applied = []
+        for row, rp in enumerate(plan.rows):
+            if rp.mode not in (PREFILL, IDLE):
+                try:
+                    self._dg_apply(row, rp)
+                except Exception as exc:  # noqa: BLE001 - one request's fault must not end the engine
+                    self._dg_fail(rp.req_id, "step planning", exc)
+                    rp = RowPlan(rp.req_id, IDLE, len(spec.get(rp.req_id) or ()))
+            applied.append(rp)
+        plan = StepPlan(tuple(applied))
         logits_indices, spec_md, max_n = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         qsl = self.query_start_loc.np[: num_reqs + 1]
         rows, softs = [], []  # softs: (soft embeddings or None on a canvas's first step, n)
-        for row, (req_id, mode, n) in enumerate(plan):
-            if mode not in (DENOISE, FUSED):
-                continue
-            first = qsl[row] + split.get(row, 0)  # a fused canvas sits after its committed rows
+        for req_id, row, _, n in plan.canvas_entries():
+            first = qsl[row] + plan.rows[row].committed  # a fused canvas follows its committed rows
             rows.append(np.arange(first, first + n))
             softs.append((self.dg_states[req_id].soft, n))
         device = logits_indices.device
@@ -311,74 +298,75 @@ class DGemmaRunnerMixin:
             canvas_rows = torch.zeros(0, dtype=torch.int64, device=device)
         soft = assemble_soft(softs, self.model_config.hf_config.text_config.hidden_size, device)
         self._dg_model().set_step(StepInputs(canvas_rows=canvas_rows, soft_embeds=soft))
-        self.dg_plan = plan
+        self.dg_step = plan  # read by _build_attention_metadata, _model_forward and _sample
+        self.dg_attn_plan = plan if plan.needs_attention_flags else None  # consumed once
         self.dg_canvas_rows = canvas_rows
         self.dg_applied = False
-        self.dg_causal = torch.from_numpy(causal) if ((causal == 0).any() or split) else None
-        self.dg_split = split
         self.dg_t0 = time.perf_counter()
         return canvas_rows, None, max_n
 
-    def _dg_plan_row(self, row: int, req_id: str, n: int, causal, split) -> tuple[str, str, int]:
-        """The plan entry of one row with `n` scheduled drafts; writes its canvas ids into the
-        input batch and, for a denoising row its causal flag (0), for a fused commit its split."""
-        self._dg_inject("prepare", req_id)
-        st = self._dg_state(req_id)
+    def _dg_view(self, row: int, spec) -> RowView:
+        """What the plan needs to know of one row (its request's canvas state, the room left)."""
+        req_id = self.input_batch.req_ids[row]
+        drafts = len(spec.get(req_id) or ())
+        if not drafts:
+            return RowView(req_id, 0)
+        if req_id in self.dg_failed:  # ended with an error already: compute nothing
+            return RowView(req_id, drafts, failed=True)
+        try:
+            self._dg_inject("prepare", req_id)
+            st = self._dg_state(req_id)
+            start = int(self.input_batch.num_tokens_no_spec[row])
+            extra = self.requests[req_id].sampling_params.extra_args
+            commit = 0 if st.commit is None else int(st.commit.numel())
+            room = self.max_model_len - start
+            return RowView(
+                req_id, drafts, canvas=st.length, commit=commit,
+                next_canvas=canvas_positions(extra, self.dg_canvas, room) if st.canvas is None else 0,
+                after_commit=canvas_positions(extra, self.dg_canvas, room - commit) if commit else 0)
+        except Exception as exc:  # noqa: BLE001 - this request only
+            self._dg_fail(req_id, "step planning", exc)
+            return RowView(req_id, drafts, failed=True)
+
+    def _dg_apply(self, row: int, rp: RowPlan) -> None:
+        """Carry out one row's plan: commit and start canvases, write the canvas ids where the
+        scheduler's placeholder drafts are."""
+        st = self.dg_states[rp.req_id]
         start = int(self.input_batch.num_tokens_no_spec[row])
-        extra = self.requests[req_id].sampling_params.extra_args
-        if st.commit is not None and n > st.length:
-            # commit + the next canvas's first denoising step in one forward (the scheduler
-            # asked for both): the committed rows causal, the canvas after them bidirectional
-            nc = st.length
-            m = n - nc
-            if m != canvas_positions(extra, self.dg_canvas, self.max_model_len - start - nc):
-                return (req_id, IDLE, n)  # not what the scheduler should ask: roll back
+        if rp.mode == FUSED:
             committed = st.finish_commit()
-            self.dg_fused_ids[req_id] = committed
+            self.dg_fused_ids[rp.req_id] = committed
             self.dg_fused_commits += 1
-            self.dg_commit_rows += nc
-            st.start_canvas(m)
+            self.dg_commit_rows += rp.committed
+            st.start_canvas(rp.n)
             ids = torch.cat([committed, st.canvas[0]])
-            split[row] = nc
-            self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
-            return (req_id, FUSED, m)
-        if st.commit is not None and n == 1 and st.length > 1:
-            # the commit that ends the request (the scheduler knows): one row, causal, at
-            # the first committed position; _sample returns all the committed tokens
+        elif rp.mode == LAST:  # one row at the first committed position; _sample returns them all
             self.dg_last_commits += 1
             self.dg_commit_rows += 1
-            self.input_batch.token_ids_cpu[row, start] = int(st.commit[0])
-            return (req_id, LAST, 1)
-        want = st.length if st.canvas is not None else canvas_positions(
-            extra, self.dg_canvas, self.max_model_len - start)
-        if n != want:  # a partial canvas (token budget): compute nothing useful, roll back
-            return (req_id, IDLE, n)
-        if st.commit is not None:
+            ids = st.commit[:1]
+        elif rp.mode == COMMIT:
             ids = st.commit
-            entry = (req_id, COMMIT, n)
-            self.dg_commit_rows += n
-        else:
-            if st.canvas is None:
-                k = st.knobs
+            self.dg_commit_rows += rp.n
+        else:  # DENOISE
+            if rp.start_canvas:
+                k, n = st.knobs, rp.n
                 first = st.canvases == 0
                 seed = torch.tensor(k.seed_canvas[:n]) if (first and k.seed_canvas) else None
                 pins = torch.tensor([i for i in k.pinned if i < n]) if (first and k.pinned) else None
                 st.start_canvas(n, seed=seed, pins=pins)
             ids = st.canvas[0]
-            entry = (req_id, DENOISE, n)
-            causal[row] = 0
-        self.input_batch.token_ids_cpu[row, start:start + n] = ids.numpy()
-        return entry
+        self.input_batch.token_ids_cpu[row, start:start + ids.numel()] = ids.numpy()
 
     def _dg_model(self):
         m = self.model
         return getattr(m, "module", m) if not hasattr(m, "set_step") else m
 
     def _build_attention_metadata(self, *args, **kwargs):
-        causal = self.dg_causal
-        if causal is None:
+        plan, self.dg_attn_plan = self.dg_attn_plan, None
+        if plan is None:
             return super()._build_attention_metadata(*args, **kwargs)
-        split = self.dg_split
+        causal = torch.tensor(plan.causal, dtype=torch.int32)
+        split = plan.split
         ranges_window = self.dg_ranges_window
         patched = []
         for groups in self.attn_groups:
@@ -400,7 +388,6 @@ class DGemmaRunnerMixin:
         finally:
             for g in patched:
                 del g.build_metadata  # back to the class method
-            self.dg_causal = None
 
     # ------------------------------------------------------------------ sampling
     def _dg_vocab(self):
@@ -426,10 +413,11 @@ class DGemmaRunnerMixin:
                          tile=self.dg_head_tile, budget=self.dg_head_budget)
         return out
 
-    def _dg_denoise_all(self, entries, hidden):
-        """One denoising step for every (req_id, row, offset, n) entry from the canvas rows'
-        hidden states: seeded requests one by one (their own generators, the reference's draw
-        order), unseeded ones together in one head pass and one batched update."""
+    def _dg_denoise_all(self, plan: StepPlan, hidden):
+        """One denoising step for every canvas of `plan` from the canvas rows' hidden states:
+        seeded requests one by one (their own generators, the reference's draw order), unseeded
+        ones together in one head pass and one batched update."""
+        entries = plan.canvas_entries()
         model = self._dg_model()
         vs = self._dg_vocab()
         kw = dict(softcap=self.dg_softcap, emb_dtype=model.model.embed_tokens.weight.dtype,
@@ -450,7 +438,7 @@ class DGemmaRunnerMixin:
                 if self.dg_capture_dir:
                     sched_t = temperature(st.params, st.cur_step)
                     full = head_logits(rows, vs.weight[: vs.size], self.dg_softcap)
-                    self._dg_record(req_id, row, st, full)
+                    self._dg_record(req_id, row, st, full, plan.rows[row].committed)
                 pending.append(([req_id], head_step(st, rows, vs, **kw)))
                 if self.dg_capture_dir:
                     st._sc_logits = full / sched_t
@@ -487,14 +475,6 @@ class DGemmaRunnerMixin:
         return [r for r, _, _ in batch], head_batch(states, rows, vs, generator=self.dg_batch_gen,
                                                     budget=self.dg_head_budget, **kw)
 
-    def _dg_entries(self, plan):
-        entries, off = [], 0
-        for row, (req_id, mode, n) in enumerate(plan):
-            if mode in (DENOISE, FUSED):
-                entries.append((req_id, row, off, n))
-                off += n
-        return entries
-
     def sample_tokens(self, grammar_output):
         """vLLM's; the argmax drafts of requests that stream them ride on the output
         (``dgemma_drafts``: request id -> (token ids, step)), the tokens of canvases ready to
@@ -525,15 +505,16 @@ class DGemmaRunnerMixin:
         out = super()._model_forward(input_ids=input_ids, positions=positions,
                                      intermediate_tensors=intermediate_tensors,
                                      inputs_embeds=inputs_embeds, **model_kwargs)
-        plan = self.dg_plan
-        if (self.dg_group <= 1 or not plan or input_ids is None
-                or any(mode != DENOISE for _, mode, _ in plan)):
+        plan = self.dg_step
+        if self.dg_group <= 1 or plan is None or input_ids is None or not plan.denoise_only:
             return out
         rows = self.dg_canvas_rows
-        entries = self._dg_entries(plan)
         for _ in range(self.dg_group - 1):
-            self._dg_denoise_all(entries, out[rows])
-            states = [self.dg_states[req_id] for req_id, _, _ in plan]
+            self._dg_denoise_all(plan, out[rows])
+            if any(r.req_id not in self.dg_states for r in plan.rows):
+                self.dg_applied = True  # a request failed: let _sample report it
+                return out
+            states = [self.dg_states[r.req_id] for r in plan.rows]
             if any(st.commit is not None for st in states):
                 self.dg_applied = True  # this forward's step is done; _sample returns no token
                 return out
@@ -550,17 +531,18 @@ class DGemmaRunnerMixin:
     def _sample(self, logits, spec_decode_metadata):
         # `logits` are the canvas rows' hidden states: the model's compute_logits hands them
         # through unchanged and the head runs here, tiled, on this rank's vocabulary.
-        plan, self.dg_plan = self.dg_plan, None
+        plan, self.dg_step = self.dg_step, None
         if plan is None:  # dummy / profile run
             return super()._sample(logits, spec_decode_metadata)
         applied, self.dg_applied = self.dg_applied, False
-        num_reqs = len(plan)
+        num_reqs = len(plan.rows)
         out: list[list[int]] = [[] for _ in range(num_reqs)]
         t_head = time.perf_counter()
         if not applied:
-            self._dg_denoise_all(self._dg_entries(plan), logits)
+            self._dg_denoise_all(plan, logits)
         t_head = time.perf_counter() - t_head
-        for row, (req_id, mode, n) in enumerate(plan):
+        for row, rp in enumerate(plan.rows):
+            req_id, mode = rp.req_id, rp.mode
             if mode in (PREFILL, IDLE) or req_id in self.dg_failed:
                 continue
             try:
@@ -581,7 +563,7 @@ class DGemmaRunnerMixin:
         self.dg_steps += 1
         if self.dg_debug_steps:
             print(f"[dgemma] step {self.dg_steps} {time.perf_counter() - self.dg_t0:.4f}s "
-                  f"(head {t_head:.4f}s) plan={[(m, n) for _, m, n in plan]}", flush=True)
+                  f"(head {t_head:.4f}s) plan={[(r.mode, r.n) for r in plan.rows]}", flush=True)
         width = max(2, max((len(t) for t in out), default=0))
         sampled = torch.full((num_reqs, width), -1, dtype=torch.int32)
         for row, toks in enumerate(out):
@@ -590,10 +572,10 @@ class DGemmaRunnerMixin:
         return V.SamplerOutput(sampled_token_ids=to_device(sampled, self.device), logprobs_tensors=None)
 
     # ------------------------------------------------------------------ capture (tests)
-    def _dg_record(self, req_id, row, st, lg):
+    def _dg_record(self, req_id, row, st, lg, committed: int = 0):
         sc = getattr(st, "_sc_logits", None) if st.steps_this_canvas > 0 else None
         self.dg_capture.setdefault(req_id, []).append({
-            "prefix_len": int(self.input_batch.num_tokens_no_spec[row]) + self.dg_split.get(row, 0),
+            "prefix_len": int(self.input_batch.num_tokens_no_spec[row]) + committed,
             "canvas": st.canvas[0].clone(),
             "sc_logits": None if sc is None else sc.clone(),
             "logits": lg.detach().float().cpu().clone(),
