@@ -251,6 +251,15 @@ def test_reference_window_through_triton_ranges_equals_the_oracle(W, C):
                      {len(seqs) - 1: C})
     out = reference_window_metadata(cm, W)
     assert out.causal is True  # no per-sequence causal tensor on the Triton path
+    # the runner passes the sequences' flags from the host (no device read on a GPU): the same
+    from dgemma_vllm.engine.plan import RowView, plan_step
+    from dgemma_vllm.engine.runner import sequence_flags
+
+    views = [RowView(f"c{i}", drafts=C, canvas=C) for i in range(len(lens_before))]
+    views += [RowView("p", drafts=0), RowView("f", drafts=2 * C, canvas=C, commit=C, after_commit=C)]
+    host = sequence_flags(plan_step(views))
+    assert host == cm.causal.tolist()  # split_fused's sequence flags
+    assert reference_window_metadata(cm, W, host).mm_req_doc_ranges == out.mm_req_doc_ranges
     canvases = list(range(len(lens_before))) + [out.num_reqs - 1]
     for i in range(out.num_reqs):
         seq, n = int(out.seq_lens[i]), int(out.query_start_loc_cpu[i + 1] - out.query_start_loc_cpu[i])

@@ -94,7 +94,14 @@ def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
     return dataclasses.replace(cm, **changes)
 
 
-def reference_window_metadata(cm, window: int):
+def sequence_flags(plan: StepPlan) -> list[int]:
+    """The causal flag of every attention sequence of a step, on the host, in split_fused's
+    order (a fused row is two sequences: its committed rows, causal, then its canvas)."""
+    split = plan.split
+    return [f for i, c in enumerate(plan.causal) for f in ([1, 0] if i in split else [c])]
+
+
+def reference_window_metadata(cm, window: int, flags: list[int] | None = None):
     """The reference sliding-window rule for canvas rows through vLLM's Triton attention (GPU):
     every canvas sequence (causal flag 0) becomes a causal sequence with one multimodal-prefix
     range ``[max(0, L - W + 1), L + C - 1]`` (inclusive; L tokens before its C canvas rows). With
@@ -102,8 +109,10 @@ def reference_window_metadata(cm, window: int):
     a range)`` (v1/attention/ops/triton_attention_helpers.py, compute_kv_seq_mask), so a canvas
     query sees keys ``[max(0, L - W + 1), L + C)`` on sliding layers and ``[0, L + C)`` on full
     layers: the reference's rule (transformers eager/sdpa with its DynamicCache). Every sequence
-    is then causal: no per-sequence causal tensor. Other ranges (images) are kept."""
-    flags = cm.causal.tolist() if isinstance(cm.causal, torch.Tensor) else [1] * cm.num_reqs
+    is then causal: no per-sequence causal tensor. Other ranges (images) are kept. `flags`: the
+    sequences' causal flags on the host (else read from ``cm.causal``, a device read on a GPU)."""
+    if flags is None:
+        flags = cm.causal.tolist() if isinstance(cm.causal, torch.Tensor) else [1] * cm.num_reqs
     qsl = cm.query_start_loc_cpu.tolist()
     src = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
     seq = src[: cm.num_reqs].tolist()
@@ -367,6 +376,7 @@ class DGemmaRunnerMixin:
             return super()._build_attention_metadata(*args, **kwargs)
         causal = torch.tensor(plan.causal, dtype=torch.int32)
         split = plan.split
+        seq_flags = sequence_flags(plan)
         ranges_window = self.dg_ranges_window
         patched = []
         for groups in self.attn_groups:
@@ -378,7 +388,7 @@ class DGemmaRunnerMixin:
                         cm = split_fused(cm, causal, split) if split else dataclasses.replace(
                             cm, causal=to_device(causal, cm.query_start_loc.device))
                         if ranges_window:
-                            cm = reference_window_metadata(cm, ranges_window)
+                            cm = reference_window_metadata(cm, ranges_window, seq_flags)
                     return _orig(cm, *a, **kw)
 
                 g.build_metadata = build
