@@ -178,7 +178,7 @@ class DGemmaRunnerMixin:
         # not at all where the head never tiles (a vocabulary within one tile, one rank)
         tiled = is_tiled(self.dg_vocab, self.parallel_config.tensor_parallel_size, self.dg_head_tile)
         self.dg_softcap = softcap_of(mc.hf_config)
-        self.dg_tile_stats = (compiled_tile_stats(self.dg_softcap, mc.dtype)
+        self.dg_tile_stats = (compiled_tile_stats(self.dg_softcap, mc.dtype, device=self.device)
                               if tiled and head_compile(opts, device_type) else None)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)

@@ -342,20 +342,22 @@ def tile_stats(raw: torch.Tensor, softcap: float, sched_t: torch.Tensor):
 
 
 def compiled_tile_stats(softcap: float, dtype: torch.dtype = torch.float32, warm_rows: int = 3,
-                        warm_cols: int = 64) -> Callable | None:
+                        warm_cols: int = 64, device=None) -> Callable | None:
     """``tile_stats`` through ``torch.compile`` (inductor: one C++ loop nest on CPU instead of
     nine passes over the tile; 146-149 -> 127-128 ms per medium head step of 256 rows, measured
     in benchmarks/RESULTS.md), compiled here on a small tile of the model's `softcap` and logits
-    `dtype` (what the graph is specialized on) so that no request pays for it (dynamic shapes:
-    one graph for every tile width and row count above 1). None, with a warning, if it cannot be
-    compiled here (e.g. no C++ compiler): the caller keeps the eager passes."""
+    `dtype` (what the graph is specialized on), on the model's `device` (a graph warmed on host
+    tensors would be compiled again for the first GPU request), so that no request pays for it
+    (dynamic shapes: one graph for every tile width and row count above 1). None, with a
+    warning, if it cannot be compiled here (e.g. no C++ compiler): the caller keeps the eager
+    passes."""
     import logging
 
     try:
         fn = torch.compile(tile_stats, dynamic=True)
         with torch.no_grad():
-            fn(torch.randn(warm_rows, warm_cols, dtype=dtype), softcap,
-               torch.full((warm_rows, 1), 0.5))
+            fn(torch.randn(warm_rows, warm_cols, dtype=dtype, device=device), softcap,
+               torch.full((warm_rows, 1), 0.5, device=device))
         return fn
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is exact
         logging.getLogger("dgemma_vllm").warning(
