@@ -74,5 +74,10 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path):
            "--geometry", "tiny", "--requests", "3", "--steps", "2", "--concurrency", "2",
            "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("EQUAL") == 3 and "tok/s" in r.stdout, r.stdout
+    assert "speed:" in r.stdout and "tok/s" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("request ") == 3
+    equal = r.stdout.count("EQUAL")
+    # exit 0 exactly when every request equals the reference; on this CPU all three do (an MoE
+    # routing near-tie, which fp32 rounding decides, could part one on another CPU kind: see
+    # tests/test_parity.py)
+    assert r.returncode == (0 if equal == 3 else 1) and equal >= 2, r.stdout
