@@ -211,6 +211,9 @@ class DGemmaRunnerMixin:
                 "fused_commits": self.dg_fused_commits, "last_commits": self.dg_last_commits,
                 "head_rows": self.dg_head_rows, "commit_rows": self.dg_commit_rows,
                 "canvas_forwards": self.dg_canvas_forwards,
+                # per-request state held now (0 when no request is running: no leak)
+                "live_states": len(self.dg_states), "pending_commits": len(self.dg_ready),
+                "fused_ids": len(self.dg_fused_ids), "failed": len(self.dg_failed),
                 "self_conditioning_calls": self._dg_model().sc_calls}
 
     def dg_request_stats(self) -> dict[str, dict]:
