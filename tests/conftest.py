@@ -51,6 +51,23 @@ def stop_llm(llm) -> None:
     gc.collect()
 
 
+def hook_config(window="reference", backend=None, fa_version=None, v2=False, dbo=False, **par):
+    """A stand-in VllmConfig with what the plugin's config hook reads (its tests call
+    ``DGemmaConfigHook.verify_and_update_config`` on it); `par` overrides parallel settings."""
+    from types import SimpleNamespace
+
+    hf = SimpleNamespace(dgemma_canvas_length=16, dgemma_fuse_commit=True,
+                         dgemma_canvas_window=window)
+    parallel = {"worker_cls": "auto", "decode_context_parallel_size": 1,
+                "prefill_context_parallel_size": 1, "enable_dbo": dbo, **par}
+    return SimpleNamespace(
+        scheduler_config=SimpleNamespace(scheduler_cls=None, async_scheduling=None),
+        parallel_config=SimpleNamespace(**parallel),
+        model_config=SimpleNamespace(hf_config=hf, enforce_eager=True, max_model_len=256),
+        attention_config=SimpleNamespace(backend=backend, flash_attn_version=fa_version),
+        use_v2_model_runner=v2)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt() -> Path:
     return checkpoint("tiny")

@@ -21,7 +21,7 @@ import dataclasses
 
 import pytest
 
-from conftest import start_llm, stop_llm
+from conftest import hook_config, start_llm, stop_llm
 
 MAX_LEN = 1024
 
@@ -220,28 +220,16 @@ def test_split_fused_attention_metadata_field_by_field():
     assert o.seq_lens.tolist() == [5, 36, 40, 54] and o.seq_lens_cpu_upper_bound is None
 
 
-def _hook_config(**par):
-    from types import SimpleNamespace
-
-    hf = SimpleNamespace(dgemma_canvas_length=16, dgemma_fuse_commit=True)
-    return SimpleNamespace(
-        scheduler_config=SimpleNamespace(scheduler_cls=None, async_scheduling=None),
-        parallel_config=SimpleNamespace(**{"worker_cls": "auto", "decode_context_parallel_size": 1,
-                                           "prefill_context_parallel_size": 1, **par}),
-        model_config=SimpleNamespace(hf_config=hf, enforce_eager=True, max_model_len=256),
-        attention_config=None)
-
-
 def test_config_hook_turns_fusion_off_for_unknown_metadata_fields(monkeypatch):
     from dgemma_vllm.engine import vllm_api as V
     from dgemma_vllm.engine.config import DGemmaConfigHook
 
-    cfg = _hook_config()
+    cfg = hook_config()
     DGemmaConfigHook.verify_and_update_config(cfg)
     assert cfg.model_config.hf_config.dgemma_fuse_commit is True
     assert cfg.scheduler_config.scheduler_cls.endswith("DGemmaScheduler")
     monkeypatch.setattr(V, "unknown_attention_metadata_fields", lambda: ["new_field"])
-    cfg = _hook_config()
+    cfg = hook_config()
     DGemmaConfigHook.verify_and_update_config(cfg)
     assert cfg.model_config.hf_config.dgemma_fuse_commit is False
 
@@ -251,4 +239,4 @@ def test_config_hook_refuses_context_parallelism(name):
     from dgemma_vllm.engine.config import DGemmaConfigHook
 
     with pytest.raises(ValueError, match=name):
-        DGemmaConfigHook.verify_and_update_config(_hook_config(**{name: 2}))
+        DGemmaConfigHook.verify_and_update_config(hook_config(**{name: 2}))

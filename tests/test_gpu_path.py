@@ -16,6 +16,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+from conftest import hook_config as _hook_config
+
 import pytest
 import torch
 
@@ -78,16 +80,9 @@ def not_cpu(monkeypatch):
     monkeypatch.setattr(P, "_current_platform", NotCpu())
 
 
-def _config(window="symmetric", backend=None, fa_version=None, v2=False, dbo=False):
-    hf = SimpleNamespace(dgemma_canvas_length=16, dgemma_fuse_commit=True,
-                         dgemma_canvas_window=window)
-    return SimpleNamespace(
-        scheduler_config=SimpleNamespace(scheduler_cls=None, async_scheduling=None),
-        parallel_config=SimpleNamespace(worker_cls="auto", decode_context_parallel_size=1,
-                                        prefill_context_parallel_size=1, enable_dbo=dbo),
-        model_config=SimpleNamespace(hf_config=hf, enforce_eager=True, max_model_len=256),
-        attention_config=SimpleNamespace(backend=backend, flash_attn_version=fa_version),
-        use_v2_model_runner=v2)
+def hook_config(window="symmetric", **kw):
+    """conftest.hook_config with the symmetric window unless a test asks for the reference."""
+    return _hook_config(window=window, **kw)
 
 
 def _hook(cfg):
@@ -100,7 +95,7 @@ def _hook(cfg):
 def test_gpu_defaults_triton_and_the_gpu_worker(not_cpu):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum as B
 
-    cfg = _hook(_config())
+    cfg = _hook(hook_config())
     assert cfg.attention_config.backend == B.TRITON_ATTN
     assert cfg.parallel_config.worker_cls.endswith("DGemmaGPUWorker")
     assert cfg.model_config.hf_config.dgemma_fuse_commit is True
@@ -114,31 +109,31 @@ def _refused(cfg, match):
 def test_gpu_serves_the_reference_window_on_triton_and_refuses_it_elsewhere(not_cpu):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum as B
 
-    cfg = _hook(_config(window="reference"))  # the default: Triton's prefix ranges
+    cfg = _hook(hook_config(window="reference"))  # the default: Triton's prefix ranges
     assert cfg.attention_config.backend == B.TRITON_ATTN
-    _refused(_config(window="reference", backend=B.FLASH_ATTN, fa_version=4),
+    _refused(hook_config(window="reference", backend=B.FLASH_ATTN, fa_version=4),
              "dgemma_canvas_window='reference'.*TRITON_ATTN")
 
 
 def test_gpu_refuses_flashinfer_and_flash_attention_without_fa4(not_cpu):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum as B
 
-    _refused(_config(backend=B.FLASHINFER), "FLASHINFER")
-    _refused(_config(backend=B.FLASH_ATTN, fa_version=3), "FLASH_ATTN needs FlashAttention 4")
+    _refused(hook_config(backend=B.FLASHINFER), "FLASHINFER")
+    _refused(hook_config(backend=B.FLASH_ATTN, fa_version=3), "FLASH_ATTN needs FlashAttention 4")
     # no FlashAttention build here: FA4 cannot be chosen for the user
-    _refused(_config(backend=B.FLASH_ATTN), "FLASH_ATTN needs FlashAttention 4")
-    _refused(_config(backend=B.FLEX_ATTENTION), "FLEX_ATTENTION")
-    cfg = _hook(_config(backend=B.FLASH_ATTN, fa_version=4))  # FA4: served, fusion off
+    _refused(hook_config(backend=B.FLASH_ATTN), "FLASH_ATTN needs FlashAttention 4")
+    _refused(hook_config(backend=B.FLEX_ATTENTION), "FLEX_ATTENTION")
+    cfg = _hook(hook_config(backend=B.FLASH_ATTN, fa_version=4))  # FA4: served, fusion off
     assert cfg.model_config.hf_config.dgemma_fuse_commit is False
 
 
 def test_gpu_refuses_model_runner_v2_and_dual_batch_overlap(not_cpu):
-    _refused(_config(v2=True), "model runner V2")
-    _refused(_config(dbo=True), "dual-batch overlap")
+    _refused(hook_config(v2=True), "model runner V2")
+    _refused(hook_config(dbo=True), "dual-batch overlap")
 
 
 def test_cpu_hook_is_unchanged_by_the_gpu_checks():
-    cfg = _hook(_config(window="reference", backend=None))  # the real (CPU) platform
+    cfg = _hook(hook_config(window="reference", backend=None))  # the real (CPU) platform
     assert cfg.attention_config.backend is None
     assert cfg.parallel_config.worker_cls.endswith("DGemmaCPUWorker")
 

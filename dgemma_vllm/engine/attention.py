@@ -170,8 +170,7 @@ class DGemmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             raise ValueError("dgemma_vllm: the exact canvas window reads the KV cache back and "
                              f"does not read kv_cache_dtype={self.kv_cache_dtype!r}; use "
                              "kv_cache_dtype='auto' or dgemma_canvas_window='symmetric'")
-        cache_dtype = self.dtype
-        kv_layout(self.isa, cache_dtype, self.block_size, self.head_dim)
+        kv_layout(self.isa, self.dtype, self.block_size, self.head_dim)
 
 
 class DGemmaCPUAttentionBackend(CPUAttentionBackend):

@@ -17,6 +17,12 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
+def draw_device(gen: torch.Generator | None):
+    """Where a generator's draws are made: its own device (a request's GPU generator draws on
+    the GPU; the reference's CPU generator on the host)."""
+    return gen.device if gen is not None else "cpu"
+
+
 def to_host(*ts: torch.Tensor) -> list[torch.Tensor]:
     """Device tensors (int64 values < 2**53, fp32 values) on the host with one device-to-host
     copy (one synchronisation on a GPU, instead of one per tensor), each in its own shape and

@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .device import to_device, to_host
+from .device import draw_device, to_device, to_host
 from .sampler import (CanvasState, apply_step, apply_steps, entropy, sample_inverse_cdf,
                       temperature)
 
@@ -288,7 +288,7 @@ def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
         if exact_noise:  # multinomial(p, 1) is argmax(p / q), q ~ Exp(1) per entry (ATen);
             # spelled out so the request's CPU generator also serves tensors on a GPU
             q = torch.empty(sample_probs.shape, dtype=torch.float32,
-                            device=_draw_device(gen)).exponential_(1, generator=gen)
+                            device=draw_device(gen)).exponential_(1, generator=gen)
             denoiser = (sample_probs / to_device(q, sample_probs.device)).argmax(-1)
         else:
             denoiser = sample_inverse_cdf(sample_probs, gen)
@@ -393,11 +393,11 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
     noise = uni = None
     if sampling and exact_noise:  # every rank draws the same full rows, in the reference's order
         noise = torch.empty(k, vs.vocab, dtype=torch.float32,
-                            device=_draw_device(gen)).exponential_(1, generator=gen)
+                            device=draw_device(gen)).exponential_(1, generator=gen)
         noise = to_device(noise, h.device)
     elif sampling:  # two uniforms per (row, tile of any rank), then one per rank merge
         uni = torch.rand(k, vs.ranks * tiles * 2 + vs.ranks, generator=gen, dtype=torch.float64,
-                         device=_draw_device(gen))
+                         device=draw_device(gen))
         uni = to_device(uni, h.device)
     stats = _Online()  # processed distribution (entropy; soft embeddings when fp32)
     soft_stats = _Online() if want_soft and emb_dtype != torch.float32 else None
@@ -495,12 +495,6 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
     if greedy is not None and sampling:
         denoiser = torch.where(greedy[:, 0], best_i, smp_i)
     return denoiser, best_i, ent, soft
-
-
-def _draw_device(gen: torch.Generator | None):
-    """Where a generator's draws are made: its own device (a request's GPU generator draws on
-    the GPU; the reference's CPU generator on the host)."""
-    return gen.device if gen is not None else "cpu"
 
 
 def _soft_product(vs, c0, c1):

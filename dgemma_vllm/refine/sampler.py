@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .device import to_device
+from .device import draw_device, to_device
 
 from .params import DiffusionParams
 
@@ -105,7 +105,7 @@ def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -
     costs more than the rest of the sampler. Same distribution, different random stream."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype,
-                   device=generator.device if generator is not None else "cpu")
+                   device=draw_device(generator))
     u = to_device(u, cdf.device) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
