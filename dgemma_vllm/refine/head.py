@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .device import draw_device, to_device, to_host
+from .filters import (FILTER_CANDIDATES, MAX_CANDIDATES, LogitEdits, SamplingFilter,
+                      candidate_filter, dense_filter, filter_params)
 from .sampler import (CanvasState, apply_step, apply_steps, entropy, sample_inverse_cdf,
                       temperature)
 
@@ -97,6 +99,58 @@ class RowStats(NamedTuple):
     soft: torch.Tensor | None  # [n, hidden] softmax(processed) @ E (without the sqrt(H) scale)
 
 
+class RowSegment(NamedTuple):
+    """Rows ``start .. end`` of a head call belong to one request with these logit edits and
+    draw filter (either None); ``row0``: the canvas row of ``start`` (min_tokens counts rows)."""
+
+    start: int
+    end: int
+    edits: LogitEdits | None = None
+    filter: SamplingFilter | None = None
+    row0: int = 0
+
+
+def _chunk_segments(segments, i, j):
+    """`segments` restricted to rows ``i .. j``, in chunk coordinates; None if none applies."""
+    if not segments:
+        return None
+    out = [RowSegment(max(s.start, i) - i, min(s.end, j) - i, s.edits, s.filter,
+                      s.row0 + max(0, i - s.start))
+           for s in segments if s.start < j and s.end > i and (s.edits is not None or s.filter)]
+    return out or None
+
+
+def _edit(logits, segs, c0):
+    """Apply each segment's edits to its rows of a tile (vocabulary columns from ``c0``)."""
+    for sg in segs or ():
+        if sg.edits is not None:
+            sg.edits.apply_(logits[sg.start:sg.end], c0, sg.row0)
+
+
+def _masks(segs) -> bool:
+    return any(sg.edits is not None and sg.edits.masks for sg in segs or ())
+
+
+def _has_edits(segs) -> bool:
+    return any(sg.edits is not None for sg in segs or ())
+
+
+def _row_filters(segs, rows, device):
+    """Per-row filter columns of a chunk, or None when no row of it is filtered."""
+    if not any(sg.filter for sg in segs or ()):
+        return None
+    per_row = [None] * rows
+    for sg in segs:
+        for r in range(sg.start, sg.end):
+            per_row[r] = sg.filter
+    return filter_params(per_row, device)
+
+
+def _finite(m):
+    """A row max safe to subtract (rows whose tile is all -inf after edits: a very low value)."""
+    return m.clamp(min=-1e30)
+
+
 def softcap_(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     """``tanh(logits / softcap) * softcap`` in fp32, in place on a fresh matmul output (the same
     operations and bits as the out-of-place form, one temporary instead of three)."""
@@ -119,11 +173,12 @@ def is_tiled(size: int, ranks: int, tile: int) -> bool:
 def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t: torch.Tensor,
                 temperature: float, generator: torch.Generator | None, exact_noise: bool,
                 want_soft: bool, emb_dtype: torch.dtype, tile: int = DEFAULT_TILE,
-                budget: int = DEFAULT_BUDGET) -> RowStats:
+                budget: int = DEFAULT_BUDGET, segments: list[RowSegment] | None = None) -> RowStats:
     """Row statistics of canvas rows (``hidden``: ``[n, H]``); see the module doc. One request:
     `sched_t` a 0-d tensor and `temperature` a float. Several requests at once (unseeded only):
     both per row, ``[n]`` host tensors or sequences of floats (the schedule temperature of each
-    row's request, its temperature; 0 = greedy)."""
+    row's request, its temperature; 0 = greedy). `segments`: the rows' logit edits and draw
+    filters (refine/filters.py), by request."""
     per_row = isinstance(temperature, (torch.Tensor, list, tuple))
     if per_row and exact_noise:
         raise ValueError("per-row parameters are for unseeded requests (exact_noise=False)")
@@ -146,7 +201,8 @@ def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t
         return col(st), col(t), flags
 
     parts = [step(hidden[i:i + rows], vs, cols, softcap, *chunk_params(i), generator=generator,
-                  exact_noise=exact_noise, want_soft=want_soft, emb_dtype=emb_dtype)
+                  exact_noise=exact_noise, want_soft=want_soft, emb_dtype=emb_dtype,
+                  segs=_chunk_segments(segments, i, i + rows))
              for i in range(0, hidden.shape[0], rows)]
     den, am, ent, soft = zip(*parts)
     return RowStats(torch.cat(den), torch.cat(am), torch.cat(ent),
@@ -204,8 +260,19 @@ def head_step(state: CanvasState, hidden: torch.Tensor, vs: VocabSlice, *, softc
                         temperature=p.temperature,
                         generator=state.noise_generator or state.generator,
                         exact_noise=state.exact_noise, want_soft=state.cur_step > 1,
-                        emb_dtype=emb_dtype, tile=tile, budget=budget)
+                        emb_dtype=emb_dtype, tile=tile, budget=budget,
+                        segments=state_segments([state]))
     return PendingStep([state], stats, None)
+
+
+def state_segments(states: list[CanvasState]) -> list[RowSegment] | None:
+    """The logit edits and draw filters of `states`' canvas rows (concatenated in order)."""
+    out, o = [], 0
+    for st in states:
+        if st.edits is not None or st.filter is not None:
+            out.append(RowSegment(o, o + st.length, st.edits, st.filter))
+        o += st.length
+    return out or None
 
 
 @torch.no_grad()
@@ -222,7 +289,7 @@ def head_batch(states: list[CanvasState], hidden: torch.Tensor, vs: VocabSlice, 
     stats = canvas_head(hidden, vs, softcap=softcap, sched_t=sched, temperature=temps,
                         generator=generator, exact_noise=False,
                         want_soft=any(st.cur_step > 1 for st in states), emb_dtype=emb_dtype,
-                        tile=tile, budget=budget)
+                        tile=tile, budget=budget, segments=state_segments(states))
     return PendingStep(list(states), stats, generator)
 
 
@@ -265,26 +332,33 @@ def denoise_batch(states: list[CanvasState], hidden: torch.Tensor, vs: VocabSlic
 
 
 def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, generator,
-                 exact_noise, want_soft, emb_dtype):
+                 exact_noise, want_soft, emb_dtype, segs=None):
     """One tile on one rank: the reference's own operations, row chunk by row chunk (row-wise
-    operations and row-major noise make this bit-identical to the whole canvas at once)."""
+    operations and row-major noise make this bit-identical to the whole canvas at once). Logit
+    edits on the capped logits, draw filters on the sampling logits (refine/filters.py)."""
     gen = generator
     w = vs.weight[: vs.size]
     logits = head_logits(h, w, softcap)
+    _edit(logits, segs, vs.start)
     processed = logits / sched_t
+    filt = _row_filters(segs, h.shape[0], h.device)
     probs = None
     if isinstance(temperature, torch.Tensor):  # several unseeded requests: per-row temperature
         greedy = temperature == 0
         t = torch.where(greedy, 1.0, temperature)
         scaled = processed if flags.unit else logits / (sched_t * t)
+        if filt is not None:
+            scaled = dense_filter(scaled, *filt)
         drawn = sample_inverse_cdf(torch.softmax(scaled, dim=-1, dtype=torch.float32), gen)
         denoiser = torch.where(greedy[:, 0], processed.argmax(-1), drawn)
     elif temperature == 0.0:
         denoiser = processed.argmax(-1)
     else:
         scaled = processed if temperature == 1.0 else logits / (sched_t * temperature)
+        if filt is not None:
+            scaled = dense_filter(scaled, *filt)
         sample_probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-        probs = sample_probs if temperature == 1.0 else None
+        probs = sample_probs if temperature == 1.0 and filt is None else None
         if exact_noise:  # multinomial(p, 1) is argmax(p / q), q ~ Exp(1) per entry (ATen);
             # spelled out so the request's CPU generator also serves tensors on a GPU
             q = torch.empty(sample_probs.shape, dtype=torch.float32,
@@ -376,7 +450,7 @@ def merge(m1, s1, d1, m2, s2, d2):
 
 
 def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, generator,
-                 exact_noise, want_soft, emb_dtype):
+                 exact_noise, want_soft, emb_dtype, segs=None):
     gen = generator
     k = h.shape[0]
     tiles = math.ceil((vs.max_size or vs.size) / cols)
@@ -389,6 +463,8 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
             temperature = 1.0  # logits / (sched_t * 1), four passes fewer a tile)
     else:
         sampling = temperature != 0.0
+    edits, masks = _has_edits(segs), _masks(segs)
+    filt = _row_filters(segs, k, h.device) if sampling else None
     keep_logits = sampling and (isinstance(temperature, torch.Tensor) or temperature != 1.0)
     noise = uni = None
     if sampling and exact_noise:  # every rank draws the same full rows, in the reference's order
@@ -403,6 +479,13 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
     soft_stats = _Online() if want_soft and emb_dtype != torch.float32 else None
     best_v = best_i = smp_v = smp_i = None
     res = _Online()  # reservoir mass of the sampling distribution (inverse-CDF draws)
+    # filtered draws: each row's largest sampling logits (candidates) and, when they are not the
+    # processed logits themselves, their normalizer
+    n_cand = 0
+    if filt is not None:
+        n_cand = min(vs.vocab, max(FILTER_CANDIDATES, min(MAX_CANDIDATES, int(filt[0].max()))))
+    cand_v = cand_i = None
+    zs_stats = _Online() if filt is not None and keep_logits else None
     for t in range(tiles):
         c0, c1 = t * cols, min((t + 1) * cols, vs.size)
         if c0 >= c1:
@@ -411,14 +494,18 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
                else F.linear(h, vs.weight[c0:c1]))
         emb = _soft_product(vs, c0, c1) if want_soft else None
         cdf = None
-        if vs.tile_stats is not None and not keep_logits and noise is None:
+        if vs.tile_stats is not None and not keep_logits and noise is None and not edits:
             z, mz, iz, e, s_, d_, cdf = vs.tile_stats(raw, softcap, sched_t)
             stats.add_sums(mz, s_, d_, e, emb if soft_stats is None else None)
         else:
             logits = softcap_(raw, softcap)
+            if edits:
+                _edit(logits, segs, vs.start + c0)
             # the processed logits; in place when the sampling below does not need `logits` again
             z = logits / sched_t if keep_logits else logits.div_(sched_t)
             mz, iz = z.max(-1)
+            if masks:
+                mz = _finite(mz)
             zm = (z - mz[:, None]).clamp_(min=EXP_FLOOR)
             e = zm.exp()
             stats.add(zm, e, mz, emb if soft_stats is None else None)
@@ -426,6 +513,8 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
         if soft_stats is not None:
             zc = z.to(emb_dtype).float()
             mc = zc.max(-1).values
+            if masks:
+                mc = _finite(mc)
             zc.sub_(mc[:, None]).clamp_(min=EXP_FLOOR)
             soft_stats.add(zc, zc.exp(), mc, emb)
         best_v, best_i = _keep_max(best_v, best_i, mz, iz + (vs.start + c0))
@@ -435,13 +524,24 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
             zs = logits / (sched_t * temperature)
         else:
             zs = z if temperature == 1.0 else logits / (sched_t * temperature)
+        if filt is not None:
+            tv, ti = zs.topk(min(n_cand, c1 - c0), dim=-1)
+            cand_v, cand_i = _merge_top(cand_v, cand_i, tv, ti + (vs.start + c0), n_cand)
+            if zs_stats is not None:
+                ms = _finite(zs.max(-1).values)
+                zs_stats.add_sums(ms, torch.exp((zs - ms[:, None]).clamp_(min=EXP_FLOOR)).sum(-1),
+                                  torch.zeros_like(ms), None)
         if noise is not None:
             score = zs - torch.log(noise[:, vs.start + c0: vs.start + c1])
             sv, si = score.max(-1)
             smp_v, smp_i = _keep_max(smp_v, smp_i, sv, si + (vs.start + c0))
         else:
             ms = mz if zs is z else zs.max(-1).values
+            if masks:
+                ms = _finite(ms)
             ws = e if zs is z else torch.exp((zs - ms[:, None]).clamp_(min=EXP_FLOOR))
+            if masks:  # ids at -inf get no sampling mass (not the floor's 1.6e-38)
+                ws = ws.masked_fill(torch.isneginf(zs), 0.0)
             if cdf is None:  # (the fused tile's cdf is of z, and zs is z whenever it ran)
                 cdf = ws.cumsum(-1)
             slot = 2 * (vs.rank * tiles + t)
@@ -449,6 +549,7 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
             cand = torch.searchsorted(cdf, u_in).squeeze(-1).clamp_(max=c1 - c0 - 1) + (vs.start + c0)
             smp_i = _reservoir(res, ms, cdf[:, -1], cand, uni[:, slot], smp_i)
     ent_parts = (stats.m, stats.s, stats.u)
+    zs_parts = None if zs_stats is None else (zs_stats.m, zs_stats.s)
     if vs.ranks > 1:
         fields = [stats.m, stats.s, stats.u, best_v, best_i.double()]
         if sampling and noise is not None:
@@ -458,6 +559,8 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
         soft_src = soft_stats or stats
         if want_soft:
             fields += [soft_src.m, soft_src.s]
+        if zs_stats is not None:
+            fields += [zs_stats.m, zs_stats.s]
         g = vs.gather(torch.stack([f.double() for f in fields], -1))  # [ranks, k, F]
         m, s_, d = g[0, :, 0], g[0, :, 1], g[0, :, 2]
         for q in range(1, vs.ranks):
@@ -485,16 +588,109 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
             denom = (ss * sc).sum(0)
             acc = soft_src.acc * sc[vs.rank][:, None].to(soft_src.acc.dtype)
             soft_src.acc, soft_src.s = vs.reduce(acc), denom
-    _, s, d = ent_parts
+            j += 2
+        if zs_stats is not None:
+            zm_, zsum = g[0, :, j], g[0, :, j + 1]
+            for q in range(1, vs.ranks):
+                zm_, zsum, _, _ = merge(zm_, zsum, torch.zeros_like(zsum), g[q, :, j],
+                                        g[q, :, j + 1], torch.zeros_like(zsum))
+            zs_parts = (zm_, zsum)
+        if filt is not None:  # every rank's candidates, merged (the same on every rank)
+            if cand_v.shape[1] < n_cand:  # a slice narrower than the candidates: pad
+                fill = n_cand - cand_v.shape[1]
+                cand_v = torch.cat([cand_v, cand_v.new_full((k, fill), float("-inf"))], -1)
+                cand_i = torch.cat([cand_i, cand_i.new_zeros((k, fill))], -1)
+            gc = vs.gather(torch.stack([cand_v.double(), cand_i.double()], -1))  # [ranks, k, K, 2]
+            cand_v, cand_i = _merge_top(None, None, gc[..., 0].permute(1, 0, 2).reshape(k, -1),
+                                        gc[..., 1].permute(1, 0, 2).reshape(k, -1).long(), n_cand)
+    m_, s, d = ent_parts
     ent = (torch.log(s.double()) - d.double() / s.double()).float()
     soft = None
     if want_soft:
         src = soft_stats or stats
         soft = (src.acc / src.s[:, None].to(src.acc.dtype)).to(vs.soft_weight.dtype)
     denoiser = best_i if not sampling else smp_i
+    if filt is not None:
+        lse = (zs_parts[0].double() + torch.log(zs_parts[1].double()) if zs_parts is not None
+               else m_.double() + torch.log(s.double()))
+        denoiser = _filtered_draw(h, vs, cols, softcap, sched_t, temperature, segs, filt,
+                                  cand_v, cand_i, lse, noise, uni, denoiser)
     if greedy is not None and sampling:
-        denoiser = torch.where(greedy[:, 0], best_i, smp_i)
+        denoiser = torch.where(greedy[:, 0], best_i, denoiser)
     return denoiser, best_i, ent, soft
+
+
+def _merge_top(v, i, tv, ti, n):
+    """The `n` largest of a running (values, ids) set and a tile's, descending; among equal
+    values the lower id first (as a full-row sort would keep them together)."""
+    if v is not None:
+        tv, ti = torch.cat([v, tv.to(v.dtype)], -1), torch.cat([i, ti], -1)
+    if tv.shape[-1] > n:
+        tv, pos = tv.topk(n, dim=-1)
+        ti = ti.gather(-1, pos)
+    return tv, ti
+
+
+def _filtered_draw(h, vs, cols, softcap, sched_t, temperature, segs, filt, cand_v, cand_i, lse,
+                   noise, uni, drawn):
+    """The draws of a chunk's filtered rows from their candidates (every rank the same: the
+    candidates are merged); rows whose kept set may reach past them from their full logits.
+    Other rows keep their unfiltered draw `drawn`."""
+    top_k, top_p, min_p = filt
+    on = ((top_k > 0) & (top_k < vs.vocab)) | (top_p < 1.0) | (min_p > 0)
+    kept, exact = candidate_filter(cand_v, top_k, top_p, min_p, vs.vocab, cand_v[:, 0], lse)
+    if noise is not None:  # the reference's argmax(p / q) over the kept ids
+        score = cand_v.double() - torch.log(noise.gather(1, cand_i).double())
+        score = score.masked_fill(~kept, float("-inf"))
+        pick = cand_i.gather(1, score.argmax(-1, keepdim=True))[:, 0]
+    else:  # inverse CDF over the kept ids (one uniform per row)
+        w = torch.exp(cand_v.double() - cand_v[:, :1].double()).masked_fill(~kept, 0.0)
+        cdf = w.cumsum(-1)
+        j = torch.searchsorted(cdf, uni[:, :1] * cdf[:, -1:]).clamp_(max=cdf.shape[1] - 1)
+        pick = cand_i.gather(1, j)[:, 0]
+    out = torch.where(on[:, 0], pick, drawn)
+    slow = (on[:, 0] & ~exact).nonzero()[:, 0].tolist()
+    if slow:
+        rows = torch.tensor(slow, device=h.device)
+        full = _full_rows(h[rows], vs, cols, softcap, sched_t, temperature, segs, slow)
+        f = dense_filter(full, top_k[rows], top_p[rows], min_p[rows])
+        p = torch.softmax(f, dim=-1, dtype=torch.float32)
+        if noise is not None:
+            out[rows] = (p / noise[rows]).argmax(-1)
+        else:
+            c = p.double().cumsum(-1)
+            out[rows] = torch.searchsorted(c, uni[rows, :1] * c[:, -1:]).clamp_(
+                max=c.shape[1] - 1)[:, 0]
+    return out
+
+
+def _full_rows(h, vs, cols, softcap, sched_t, temperature, segs, rows):
+    """Full-vocabulary sampling logits ``[len(rows), V]`` of chunk rows `rows` (``h`` their
+    hidden states), computed as the tiles compute them; gathered over the ranks."""
+    sub = []  # the rows' edits, as segments of the sub-batch
+    for j, r in enumerate(rows):
+        for sg in segs or ():
+            if sg.start <= r < sg.end:
+                sub.append(RowSegment(j, j + 1, sg.edits, sg.filter, sg.row0 + r - sg.start))
+    st = sched_t[rows] if isinstance(sched_t, torch.Tensor) and sched_t.dim() else sched_t
+    t = temperature[rows] if isinstance(temperature, torch.Tensor) else temperature
+    parts = []
+    for c0 in range(0, vs.size, cols):
+        c1 = min(c0 + cols, vs.size)
+        raw = (vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None
+               else F.linear(h, vs.weight[c0:c1]))
+        logits = softcap_(raw, softcap)
+        _edit(logits, sub, vs.start + c0)
+        z = logits / st
+        parts.append(z if (not isinstance(t, torch.Tensor) and t == 1.0) else logits / (st * t))
+    mine = torch.cat(parts, -1)
+    if vs.ranks == 1:
+        return mine
+    per = vs.max_size or vs.size
+    pad = torch.full((mine.shape[0], per), float("-inf"), dtype=mine.dtype, device=mine.device)
+    pad[:, : mine.shape[1]] = mine
+    g = vs.gather(pad)  # [ranks, rows, per]: rank q holds ids q * per ..
+    return torch.cat([g[q, :, : max(0, min(per, vs.vocab - q * per))] for q in range(vs.ranks)], -1)
 
 
 def _soft_product(vs, c0, c1):

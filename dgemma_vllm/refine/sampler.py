@@ -42,6 +42,10 @@ class CanvasState:
     seed: torch.Tensor | None = None  # [1, n] seed canvas of a canvas with pinned positions
     pins: torch.Tensor | None = None  # positions that keep their seed token
     commit: torch.Tensor | None = None  # [n] tokens to commit (set when the canvas is done)
+    # vLLM sampling parameters (refine/filters.py): logit edits of the current canvas (rebuilt
+    # at each canvas start) and the draw filter; None: none
+    edits: object | None = None
+    filter: object | None = None
     # statistics
     canvases: int = 0
     steps: int = 0
