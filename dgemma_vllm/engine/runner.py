@@ -27,6 +27,9 @@ import torch
 
 from dgemma_vllm.model.dgemma import StepInputs, softcap_of
 from dgemma_vllm.refine.device import to_device
+from dgemma_vllm.refine.filters import (SamplingFilter, ban_sequences, build_edits, ends_bad_word,
+                                        split_bad_words)
+from dgemma_vllm.refine.logprobs import token_logprobs, top_ids
 from dgemma_vllm.refine.head import (compiled_tile_stats, finish_steps, head_batch, head_logits,
                                      head_step, is_tiled, profile_head)
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
@@ -195,6 +198,8 @@ class DGemmaRunnerMixin:
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
         self.dg_ready: dict[str, list[int]] = {}  # requests whose next step commits (their ids)
         self.dg_fused_ids: dict[str, torch.Tensor] = {}  # committed ids of this step's fused rows
+        # logprobs of canvases ready to commit (requests that ask for them), until returned
+        self.dg_logprobs: dict = {}
         # noise of unseeded requests, drawn for all of them at once; the same on every rank
         self.dg_batch_gen = torch.Generator(device="cpu")
         self.dg_batch_gen.manual_seed(int(self.model_config.seed or 0) + 0x5EED)
@@ -251,6 +256,8 @@ class DGemmaRunnerMixin:
                              noise_generator=noise_gen,
                              exact_noise=sp.seed is not None or self.dg_exact_unseeded)
             st.knobs = parse_request_knobs(sp.extra_args, self.dg_canvas, self.dg_vocab)
+            st.filter = SamplingFilter.of(sp, self.dg_vocab) if sp.temperature > 0 else None
+            st.bad_single, st.bad_multi = split_bad_words(sp.bad_words_token_ids or ())
             self.dg_states[req_id] = st
         return st
 
@@ -266,6 +273,7 @@ class DGemmaRunnerMixin:
         self.dg_drafts.pop(req_id, None)
         self.dg_ready.pop(req_id, None)
         self.dg_fused_ids.pop(req_id, None)
+        self.dg_logprobs.pop(req_id, None)
 
     def _dg_inject(self, where: str, req_id: str) -> None:
         req = self.requests.get(req_id) if self.dg_faults else None
@@ -277,6 +285,7 @@ class DGemmaRunnerMixin:
     def _update_states(self, scheduler_output):
         for req_id in scheduler_output.finished_req_ids:
             st = self.dg_states.pop(req_id, None)
+            self.dg_logprobs.pop(req_id, None)
             if st is not None:
                 self.dg_finished[req_id] = st.stats()
                 while len(self.dg_finished) > 4096:
@@ -355,6 +364,7 @@ class DGemmaRunnerMixin:
             self.dg_fused_commits += 1
             self.dg_commit_rows += rp.committed
             st.start_canvas(rp.n)
+            st.edits = self._dg_edits(rp.req_id, committed.tolist())
             ids = torch.cat([committed, st.canvas[0]])
         elif rp.mode == LAST:  # one row at the first committed position; _sample returns them all
             self.dg_last_commits += 1
@@ -370,8 +380,53 @@ class DGemmaRunnerMixin:
                 seed = torch.tensor(k.seed_canvas[:n]) if (first and k.seed_canvas) else None
                 pins = torch.tensor([i for i in k.pinned if i < n]) if (first and k.pinned) else None
                 st.start_canvas(n, seed=seed, pins=pins)
+                st.edits = self._dg_edits(rp.req_id)
             ids = st.canvas[0]
         self.input_batch.token_ids_cpu[row, start:start + ids.numel()] = ids.numpy()
+
+    def _dg_edits(self, req_id: str, committing: list[int] = ()):
+        """The logit edits of a request's next canvas (refine/filters.py) from its sampling
+        parameters, its prompt and the tokens committed before the canvas (`committing`: those
+        committed in this very forward)."""
+        req = self.requests[req_id]
+        sp = req.sampling_params
+        st = self.dg_states[req_id]
+        if (sp.presence_penalty == 0 and sp.frequency_penalty == 0 and sp.repetition_penalty == 1
+                and not sp.logit_bias and sp.allowed_token_ids is None and not st.bad_single
+                and not sp.min_tokens):
+            return None
+        output = [t for t in req.output_token_ids if t >= 0] + list(committing)
+        return build_edits(
+            vocab=self.dg_vocab, prompt=req.prompt_token_ids or (), output=output,
+            presence=sp.presence_penalty, frequency=sp.frequency_penalty,
+            repetition=sp.repetition_penalty,
+            logit_bias={int(k): float(v) for k, v in (sp.logit_bias or {}).items()},
+            allowed=sp.allowed_token_ids, banned=st.bad_single,
+            stop_ids=sorted(sp.all_stop_token_ids), min_tokens=sp.min_tokens)
+
+    def _dg_on_commit(self, req_id: str, st: CanvasState, rows: torch.Tensor) -> None:
+        """A canvas is ready to commit after this step (`rows`: its hidden states): project out
+        multi-token bad words, and for a request that asks for logprobs compute them (the final
+        step's raw logits at each committed position)."""
+        req = self.requests[req_id]
+        sp = req.sampling_params
+        vs = self._dg_vocab()
+        if st.bad_multi:
+            history = [t for t in req.output_token_ids if t >= 0]
+            history = (list(req.prompt_token_ids or ()) + history)
+            canvas = st.commit.tolist()
+            if any(ends_bad_word(history + canvas[: i + 1], st.bad_multi) for i in range(len(canvas))):
+                width = min(len(st.bad_multi) + 1, vs.vocab)
+                best = top_ids(rows, vs, softcap=self.dg_softcap, edits=st.edits, row0=0, n=width,
+                               tile=self.dg_head_tile).tolist()
+                pins = st.pins.tolist() if st.pins is not None else ()
+                st.commit = torch.tensor(ban_sequences(history, canvas, st.bad_multi,
+                                                       lambda i: best[i], fixed=pins))
+        if sp.logprobs is not None:
+            n_top = int(sp.logprobs) if sp.logprobs >= 0 else 0
+            self.dg_logprobs[req_id] = token_logprobs(
+                rows, vs, st.commit, softcap=self.dg_softcap, n_top=n_top,
+                tile=self.dg_head_tile)
 
     def _dg_model(self):
         m = self.model
@@ -478,10 +533,21 @@ class DGemmaRunnerMixin:
                 self._dg_fail(req_id, "denoising step", exc)
 
         finish_steps([p for _, p in pending], kw["normalizer"], on_error=failed)
+        for req_id, _, off, n in entries:
+            st = self.dg_states.get(req_id)
+            if st is None or st.commit is None or not (st.bad_multi or self._dg_wants_lp(req_id)):
+                continue
+            try:
+                self._dg_on_commit(req_id, st, hidden[off:off + n])
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._dg_fail(req_id, "commit", exc)
         for req_id, _, _, _ in entries:
             st = self.dg_states.get(req_id)
             if st is not None and st.knobs.stream_drafts and st.commit is None:
                 self.dg_drafts[req_id] = (st.argmax[0].tolist(), st.steps_this_canvas)
+
+    def _dg_wants_lp(self, req_id: str) -> bool:
+        return self.requests[req_id].sampling_params.logprobs is not None
 
     def _dg_head_batch(self, batch, vs, kw):
         """Unseeded requests' head in one pass: `batch` holds (req_id, state, rows)."""
@@ -554,6 +620,7 @@ class DGemmaRunnerMixin:
         applied, self.dg_applied = self.dg_applied, False
         num_reqs = len(plan.rows)
         out: list[list[int]] = [[] for _ in range(num_reqs)]
+        emitted = {}  # row -> Logprobs of its committed tokens
         t_head = time.perf_counter()
         if not applied:
             self._dg_denoise_all(plan, logits)
@@ -568,6 +635,8 @@ class DGemmaRunnerMixin:
                     out[row] = self.dg_states[req_id].finish_commit().tolist()
                 elif mode == FUSED:  # committed in _prepare_inputs, before the new canvas started
                     out[row] = self.dg_fused_ids.pop(req_id).tolist()
+                if out[row] and req_id in self.dg_logprobs:
+                    emitted[row] = self.dg_logprobs.pop(req_id)
                 if out[row] and self.dg_capture_dir and req_id in self.dg_capture:
                     self._dg_flush_capture(req_id)
                 st = self.dg_states[req_id]
@@ -586,7 +655,28 @@ class DGemmaRunnerMixin:
         for row, toks in enumerate(out):
             if toks:
                 sampled[row, : len(toks)] = torch.tensor(toks, dtype=torch.int32)
-        return V.SamplerOutput(sampled_token_ids=to_device(sampled, self.device), logprobs_tensors=None)
+        lp = self._dg_logprobs_tensors(out, emitted, width) if emitted else None
+        return V.SamplerOutput(sampled_token_ids=to_device(sampled, self.device), logprobs_tensors=lp)
+
+    def _dg_logprobs_tensors(self, out, emitted, width):
+        """vLLM's logprobs rows for this step's committed tokens: ``[num_reqs * width, k + 1]``
+        (the committed token, then the k most likely ids; k the largest asked for), aligned with
+        the sampled-token rows; rows of other requests are never read."""
+        k = max(lp.top_ids.shape[1] for lp in emitted.values())
+        rows = len(out) * width
+        ids = torch.zeros(rows, k + 1, dtype=torch.int32)
+        vals = torch.zeros(rows, k + 1, dtype=torch.float32)
+        ranks = torch.zeros(rows, dtype=torch.int32)
+        for row, lp in emitted.items():
+            n = len(out[row])
+            a = row * width
+            ids[a:a + n, 0] = torch.tensor(out[row], dtype=torch.int32)
+            vals[a:a + n, 0] = lp.token[:n].cpu()
+            ranks[a:a + n] = lp.rank[:n].cpu().int()
+            j = lp.top_ids.shape[1]
+            ids[a:a + n, 1:1 + j] = lp.top_ids[:n].cpu().int()
+            vals[a:a + n, 1:1 + j] = lp.top[:n].cpu()
+        return V.LogprobsTensors(ids, vals, ranks)
 
     # ------------------------------------------------------------------ capture (tests)
     def _dg_record(self, req_id, row, st, lg, committed: int = 0):

@@ -30,19 +30,12 @@ def _reject(parameter: str, message: str, value=None):
 
 
 def validate_sampling_params(sp) -> None:
+    # Everything else vLLM validates itself (ranges, vocabulary ids, max_logprobs) before this.
     unsupported = [
-        ("logprobs", sp.logprobs is not None, "token log-probabilities are not produced by block diffusion"),
-        ("prompt_logprobs", sp.prompt_logprobs is not None, "prompt log-probabilities are not supported"),
-        ("presence_penalty", sp.presence_penalty != 0.0, "penalties are not supported (must be 0)"),
-        ("frequency_penalty", sp.frequency_penalty != 0.0, "penalties are not supported (must be 0)"),
-        ("repetition_penalty", sp.repetition_penalty != 1.0, "penalties are not supported (must be 1)"),
-        ("top_p", sp.top_p != 1.0, "nucleus sampling is not supported (must be 1)"),
-        ("top_k", sp.top_k not in (0, -1), "top-k sampling is not supported (must be 0 or -1)"),
-        ("min_p", sp.min_p != 0.0, "min-p sampling is not supported (must be 0)"),
-        ("min_tokens", sp.min_tokens != 0, "min_tokens is not supported (must be 0)"),
-        ("logit_bias", bool(sp.logit_bias), "logit_bias is not supported"),
-        ("allowed_token_ids", sp.allowed_token_ids is not None, "allowed_token_ids is not supported"),
-        ("bad_words", bool(sp.bad_words), "bad_words is not supported"),
+        ("prompt_logprobs", sp.prompt_logprobs is not None,
+         "not defined for block diffusion: DiffusionGemma scores tokens only as canvas positions "
+         "of a denoising step, and the causal encoder pass over the prompt predicts no next "
+         "token (use logprobs for the generated tokens)"),
         ("structured_outputs", sp.structured_outputs is not None,
          "structured output (JSON schema, regex, grammar) is not supported"),
     ]

@@ -21,7 +21,10 @@ Facts the plugin relies on (file:line in vLLM 0.32.0):
 - Model runner V1 (v1/worker/gpu_model_runner.py): ``_prepare_inputs`` (:1920) reads input ids
   from ``input_batch.token_ids_cpu``; ``_build_attention_metadata`` (:2249) builds
   ``CommonAttentionMetadata(causal=True)`` and calls ``attn_group.build_metadata`` per group;
-  ``_sample`` (:3437) returns ``SamplerOutput`` whose rows of width >= 2 drop ``-1`` entries.
+  ``_sample`` (:3437) returns ``SamplerOutput`` whose rows of width >= 2 drop ``-1`` entries;
+  its ``logprobs_tensors`` rows (``[num_reqs * width, k + 1]``: the token, then the top ids) are
+  filtered by the same mask (RejectionSampler.parse_output, :3513-3535) and sliced per request
+  by the scheduler (``LogprobsLists.slice_request``).
 - CPU attention (v1/attention/backends/cpu_attn.py): an int32 per-request ``causal`` tensor
   becomes ``dynamic_causal`` (:213); non-causal rows use a symmetric sliding window; the paged
   cache per layer is ``[blocks, kv_heads, block_size, 2*head_dim]`` with K stored transposed
@@ -97,7 +100,8 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
 from vllm.sampling_params import RequestOutputKind  # noqa: F401
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs  # noqa: F401
 from vllm.v1.request import RequestStatus  # noqa: F401  (FINISHED_ERROR: a failed request)
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SamplerOutput  # noqa: F401
+from vllm.v1.outputs import (  # noqa: F401
+    EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput, SamplerOutput)
 
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: F401,E402
 
