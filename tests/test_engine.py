@@ -71,16 +71,18 @@ def test_max_model_len_is_respected(llm):
 
 
 @pytest.mark.parametrize("kwargs,name", [
-    (dict(logprobs=2), "logprobs"),
+    # vLLM's ranges (the parameters themselves are served: tests/test_sampling_params.py)
+    (dict(logprobs=21), "logprobs"),
     (dict(prompt_logprobs=1), "prompt_logprobs"),
-    (dict(presence_penalty=0.5), "presence_penalty"),
-    (dict(frequency_penalty=0.5), "frequency_penalty"),
-    (dict(repetition_penalty=1.2), "repetition_penalty"),
-    (dict(top_p=0.9), "top_p"),
-    (dict(top_k=5), "top_k"),
-    (dict(min_p=0.1), "min_p"),
-    (dict(min_tokens=3), "min_tokens"),
-    (dict(logit_bias={5: 1.0}), "logit_bias"),
+    (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(frequency_penalty=-3.0), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-5), "top_k"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(min_tokens=9), "min_tokens"),
+    (dict(logit_bias={10 ** 7: 1.0}), "logit_bias"),
+    (dict(allowed_token_ids=[10 ** 7]), "allowed_token_ids"),
     (dict(extra_args={"diffusion_max_steps": 0}), "diffusion_max_steps"),
     (dict(extra_args={"diffusion_t_min": 0.9, "diffusion_t_max": 0.1}), "diffusion_t_min"),
     (dict(extra_args={"diffusion_bogus": 1}), "diffusion_bogus"),

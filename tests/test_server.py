@@ -76,12 +76,66 @@ def test_bad_request_is_400_naming_the_parameter(client):
 
     for extra, name in [({"vllm_xargs": {"diffusion_max_steps": -1}}, "diffusion_max_steps"),
                         ({"vllm_xargs": {"diffusion_entropy_bound": "x"}}, "diffusion_entropy_bound"),
-                        ({"top_k": 3}, "top_k")]:
+                        ({"top_k": -3}, "top_k")]:
         with pytest.raises(openai.BadRequestError, match=name):
             client.completions.create(model="tiny", prompt="hi", max_tokens=8, extra_body=extra)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model="tiny", prompt="hi", max_tokens=8, logprobs=2)
+        client.completions.create(model="tiny", prompt="hi", max_tokens=8, logprobs=21)
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=8).choices[0].text is not None
+
+
+def test_sampling_parameters_through_the_openai_client(client, tiny_ckpt):
+    """What chat UIs, SDKs and evaluation tools send (issue 18): each served, each with its
+    visible effect; the rules themselves are checked against the reference in
+    tests/test_sampling_params.py."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    base = dict(model="tiny", prompt="The quick brown fox", max_tokens=24, seed=5)
+    xb = {"vllm_xargs": XARGS, "ignore_eos": True}
+    # completions logprobs (0-20): one entry per token, the token's own and the top alternatives
+    r = client.completions.create(logprobs=3, extra_body=xb, **base)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 24
+    assert all(v <= 0 for v in lp.token_logprobs)
+    # (a dict by token text: ids that decode to the same text share an entry)
+    assert all(1 <= len(t) <= 4 for t in lp.top_logprobs)
+    assert sum(len(t) >= 3 for t in lp.top_logprobs) >= 12
+    # chat logprobs + top_logprobs
+    c = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12, seed=2,
+        logprobs=True, top_logprobs=4, extra_body=xb)
+    content = c.choices[0].logprobs.content
+    assert len(content) == 12 and all(len(t.top_logprobs) == 4 for t in content)
+    # top_p / top_k / min_p, penalties, logit_bias, allowed ids, bad words, min_tokens: served
+    plain = client.completions.create(extra_body={**xb, "return_token_ids": True}, **base)
+    ids = plain.choices[0].token_ids
+    for kw, extra in [(dict(top_p=0.5), {}), ({}, {"top_k": 4, "min_p": 0.1}),
+                      (dict(presence_penalty=1.0, frequency_penalty=0.5), {"repetition_penalty": 1.3}),
+                      (dict(logit_bias={str(ids[0]): -100}), {})]:
+        out = client.completions.create(extra_body={**xb, "return_token_ids": True, **extra},
+                                        **base, **kw).choices[0]
+        assert len(out.token_ids) == 24
+        if "logit_bias" in kw:
+            assert ids[0] not in out.token_ids
+    allowed = [t for t in range(60, 70)]
+    out = client.completions.create(extra_body={**xb, "return_token_ids": True,
+                                                "allowed_token_ids": allowed}, **base).choices[0]
+    assert set(out.token_ids) <= set(allowed)
+    word = tok.decode([ids[1]]).strip()
+    out = client.completions.create(extra_body={**xb, "return_token_ids": True, "bad_words": [word]},
+                                    **base).choices[0]
+    banned = {t for w in (word, " " + word) for t in tok.encode(w, add_special_tokens=False)[-1:]}
+    assert len(tok.encode(word, add_special_tokens=False)) > 1 or not set(out.token_ids) & banned
+    stop = ids[2]
+    out = client.completions.create(extra_body={"vllm_xargs": XARGS, "return_token_ids": True,
+                                                "stop_token_ids": [stop], "min_tokens": 10},
+                                    **base).choices[0]
+    assert stop not in out.token_ids[:9] and len(out.token_ids) >= 10
+    # n > 1, seeded: reproducible
+    a = client.completions.create(n=2, extra_body=xb, **base)
+    b = client.completions.create(n=2, extra_body=xb, **base)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices] and len(a.choices) == 2
 
 
 def _metric(base, name):

@@ -54,10 +54,51 @@ def _env(**values):
                 os.environ[k] = v
 
 
-def _run(tiny_ckpt, model, backend):
+def _check_sampling_params(llm, model):
+    """Issue 18 over two vocabulary ranks: logprobs (top ids merged across the ranks), a draw
+    filter with penalties (candidates merged across the ranks) and a multi-token bad word give
+    the reference's tokens and values, as one rank does (tests/test_sampling_params.py)."""
+    import torch
+    from vllm import SamplingParams
+
+    from test_sampling_params import PROMPT, STEPS, _reference, _Rules, _same
+
+    sp = SamplingParams(max_tokens=40, seed=21, logprobs=4, ignore_eos=True, extra_args=STEPS)
+    o = llm.generate([{"prompt_token_ids": PROMPT}], sp, use_tqdm=False)[0].outputs[0]
+    want, rules = _reference(model, 21, 40)
+    assert list(o.token_ids) == want[:40]
+    finals = {}
+    for length, scores in rules.seen:
+        finals[length] = scores
+    lsm = torch.log_softmax(torch.cat([finals[k] for k in sorted(finals)]).double(), -1)
+    for j, (tok, lp) in enumerate(zip(o.token_ids, o.logprobs)):
+        assert abs(lp[tok].logprob - float(lsm[j, tok])) < 2e-3
+        assert lp[tok].rank == int((lsm[j] >= lsm[j, tok]).sum())
+        assert int(lsm[j].argmax()) in lp
+    sp = SamplingParams(max_tokens=40, seed=8, ignore_eos=True, top_k=30, presence_penalty=1.5,
+                        repetition_penalty=1.4, extra_args=STEPS)
+    got = list(llm.generate([{"prompt_token_ids": PROMPT}], sp, use_tqdm=False)[0].outputs[0].token_ids)
+    real = torch.multinomial
+
+    def top30(probs, *a, **k):
+        x = torch.log(probs)
+        kth = x.topk(30, -1).values[:, -1:]
+        return real(torch.softmax(x.masked_fill(x < kth, float("-inf")), -1), *a, **k)
+
+    torch.multinomial = top30
+    try:
+        want, _ = _reference(model, 8, 40, _Rules(len(PROMPT), presence=1.5, repetition=1.4))
+    finally:
+        torch.multinomial = real
+    _same(got, want)
+
+
+def _run(tiny_ckpt, model, backend, sampling=False):
     llm = start_llm(tiny_ckpt, tensor_parallel_size=2, distributed_executor_backend=backend)
     try:
         _generate_and_check(llm, model)
+        if sampling:
+            _check_sampling_params(llm, model)
     finally:
         stop_llm(llm)
 
@@ -66,7 +107,7 @@ def test_two_ranks_equal_reference(tiny_ckpt, model):
     # two ranks on one NUMA node: bind one core each by hand (vLLM's auto binding wants a node
     # per rank), and keep no core in reserve
     with _env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
-        _run(tiny_ckpt, model, "mp")
+        _run(tiny_ckpt, model, "mp", sampling=True)
 
 
 def test_two_ranks_under_ray_equal_reference(tiny_ckpt, model):
