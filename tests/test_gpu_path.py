@@ -420,3 +420,55 @@ def test_seeded_noise_on_the_device_is_reproducible_and_host_noise_is_the_refere
     host = ref.generate(model, prompt, 5, max_new_tokens=32, max_denoising_steps=3)
     assert solo != host  # not the reference's draws (the default host noise equals them:
     # tests/test_parity.py, tests/test_engine.py)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_filtered_and_edited_head_on_fake_cuda_tensors(monkeypatch, seeded):
+    """Issue 18's head work on fake CUDA tensors: logit edits (penalties, bias, banned ids,
+    min_tokens rows, allowed ids) and a draw filter, tiled, one row forced through the full-row
+    fallback: everything on the device, no blocking copy or scalar read; the one host wait per
+    filtered chunk is the copy of its fallback flags."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dgemma_vllm.refine import head
+    from dgemma_vllm.refine.filters import SamplingFilter, build_edits
+    from dgemma_vllm.refine.head import RowSegment, VocabSlice, canvas_head, to_host
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    rand, exponential = torch.rand, torch.Tensor.exponential_
+    monkeypatch.setattr(torch, "rand", lambda *a, generator=None, **kw: rand(*a, **kw))
+    monkeypatch.setattr(torch.Tensor, "exponential_",
+                        lambda self, lambd=1.0, generator=None: exponential(self, lambd))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", _fake_cuda_getitem())
+    calls = []
+
+    def fallback(mask):  # the real one reads values (nonzero) a fake tensor does not have
+        to_host(mask)
+        calls.append(1)
+        return [1]
+
+    monkeypatch.setattr(head, "_fallback_rows", fallback)
+    V, H, n = 1024, 32, 48
+    edits = build_edits(vocab=V, prompt=[3, 4, 900], output=[5, 5, 700], presence=0.5,
+                        frequency=0.2, repetition=1.2, logit_bias={7: 2.0}, banned=[9, 1000],
+                        stop_ids=[1, 2], min_tokens=10, allowed=list(range(0, V, 2)))
+    segs = [RowSegment(0, 20, edits, SamplingFilter(top_k=40, top_p=0.9, min_p=0.01)),
+            RowSegment(20, n, None, SamplingFilter(top_p=0.5))]
+    gen = torch.Generator().manual_seed(0)
+    counter = SyncCounter()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        w = torch.empty(V, H, device="cuda")
+        hidden = torch.empty(n, H, device="cuda")
+        vs = VocabSlice(weight=w, start=0, size=V, vocab=V)
+        if seeded:
+            kw = dict(sched_t=0.7, temperature=1.0, exact_noise=True)
+        else:
+            kw = dict(sched_t=[0.7] * n, temperature=[1.0] * n, exact_noise=False)
+        with counter.mode:
+            stats = canvas_head(hidden, vs, softcap=30.0, generator=gen, want_soft=True,
+                                emb_dtype=torch.float32, tile=256,
+                                budget=16 * 256 if not seeded else 16 * V, segments=segs, **kw)
+        for t in (stats.denoiser, stats.argmax, stats.entropy, stats.soft):
+            assert t.device.type == "cuda"
+    assert len(calls) == 3  # three chunks of 16 rows, each with filtered rows
+    assert counter.syncs == ["device-to-host copy"] * 3, counter.syncs

@@ -261,3 +261,42 @@ def test_ban_sequences_projects_onto_text_without_bad_words():
     assert out[0] == 8 and out[1] != 9 and out[-1] == 3  # only the ends of bad words change
     # a pinned position keeps its token
     assert ban_sequences([], [5, 6], seqs, lambda i: [11], fixed=[1]) == [5, 6]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_token_logprobs_equal_the_full_log_softmax(ranks):
+    """Committed tokens' raw logprobs, ranks and top ids from tiles (and two ranks) equal
+    torch.log_softmax of the full capped logits; tokens far down the row (pins, projections)
+    get their exact rank from the counting pass."""
+    from dgemma_vllm.refine.logprobs import token_logprobs, top_ids
+
+    w, hidden = _weights(8)
+    full = torch.log_softmax((torch.tanh(hidden @ w.T / CAP) * CAP).double(), -1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.where(torch.rand(N, generator=g) < 0.5, full.argmax(-1),
+                         torch.randint(0, V, (N,), generator=g))
+    group, results = _Group(ranks), {}
+
+    def rank(r):
+        if ranks == 1:
+            vs = VocabSlice(weight=w, start=0, size=V, vocab=V)
+        else:
+            lo, hi = (0, 520) if r == 0 else (520, V)
+            gather, reduce = group.ops(r)
+            vs = VocabSlice(weight=w[lo:hi], start=lo, size=hi - lo, vocab=V, max_size=520,
+                            rank=r, ranks=2, gather=gather, reduce=reduce)
+        results[r] = (token_logprobs(hidden, vs, tokens, softcap=CAP, n_top=5, tile=97),
+                      top_ids(hidden, vs, softcap=CAP, edits=None, row0=0, n=3, tile=97))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for lp, best in results.values():
+        want = full.gather(1, tokens[:, None])[:, 0]
+        torch.testing.assert_close(lp.token.double(), want, rtol=0, atol=1e-5)
+        assert torch.equal(lp.rank, (full >= want[:, None]).sum(-1))
+        top = full.topk(5, -1)
+        assert torch.equal(lp.top_ids, top.indices)
+        torch.testing.assert_close(lp.top.double(), top.values, rtol=0, atol=1e-5)
+        assert torch.equal(best, top.indices[:, :3])
+    assert (results[0][0].rank > 5).any()  # some tokens needed the counting pass

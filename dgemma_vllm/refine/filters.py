@@ -35,10 +35,13 @@ vocab]`` logits of a persistent input batch; the tests check these against vLLM'
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .device import to_device
 
 NEG_INF = float("-inf")
 # Candidates per row of a filtered draw in the tiled head (at least top_k of its rows, at most
@@ -71,7 +74,7 @@ def filter_params(filters: Sequence[SamplingFilter | None], device) -> tuple[tor
     k = [f.top_k if f else 0 for f in filters]
     p = [f.top_p if f else 1.0 for f in filters]
     m = [f.min_p if f else 0.0 for f in filters]
-    col = lambda v, dt: torch.tensor(v, dtype=dt, device=device).unsqueeze(1)  # noqa: E731
+    col = lambda v, dt: to_device(torch.tensor(v, dtype=dt).unsqueeze(1), device)  # noqa: E731
     return col(k, torch.long), col(p, torch.float32), col(m, torch.float32)
 
 
@@ -79,27 +82,20 @@ def filter_params(filters: Sequence[SamplingFilter | None], device) -> tuple[tor
 def dense_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  min_p: torch.Tensor) -> torch.Tensor:
     """vLLM's min_p, top_k, top_p on full rows ``[rows, V]`` of sampling logits (per-row
-    ``[rows, 1]`` parameters, off values allowed): a new tensor with dropped ids at -inf."""
+    ``[rows, 1]`` parameters, off values allowed): a new tensor with dropped ids at -inf. No
+    branch on device values (on a GPU: no host wait)."""
     v = logits.shape[-1]
     x = logits.float().clone()
-    if bool((min_p > 0).any()):
-        probs = torch.softmax(x, dim=-1)
-        thr = probs.amax(dim=-1, keepdim=True) * min_p
-        x.masked_fill_(probs < thr, NEG_INF)
-    use_k = (top_k > 0) & (top_k < v)
-    use_p = top_p < 1.0
-    if not bool(use_k.any()) and not bool(use_p.any()):
-        return x
+    probs = torch.softmax(x, dim=-1)
+    x.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * min_p, NEG_INF)  # min_p 0: none
     srt, idx = x.sort(dim=-1, descending=False)
-    if bool(use_k.any()):
-        k = torch.where(use_k, top_k, v)
-        kth = srt.gather(1, (v - k).clamp(min=0))
-        srt.masked_fill_(srt < kth, NEG_INF)
-    if bool(use_p.any()):
-        cum = torch.softmax(srt, dim=-1).cumsum(dim=-1)
-        drop = (cum <= 1 - top_p) & use_p
-        drop[:, -1] = False
-        srt.masked_fill_(drop, NEG_INF)
+    k = torch.where((top_k > 0) & (top_k < v), top_k, v)
+    kth = srt.gather(1, (v - k).clamp(min=0))
+    srt.masked_fill_(srt < kth, NEG_INF)
+    cum = torch.softmax(srt, dim=-1).cumsum(dim=-1)
+    drop = (cum <= 1 - top_p) & (top_p < 1.0)
+    drop.narrow(1, v - 1, 1).fill_(False)  # the largest is always kept
+    srt.masked_fill_(drop, NEG_INF)
     return x.scatter_(1, idx, srt)
 
 
@@ -120,16 +116,18 @@ def candidate_filter(cand: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     # min_p: p_i >= min_p * p_max  <=>  x_i >= max + log(min_p)
     use_m = min_p > 0
     thr = full_max.double()[:, None] + torch.log(min_p.double().clamp(min=1e-300))
-    kept &= ~use_m | (c >= thr)
+    kept &= use_m.logical_not() | (c >= thr)
     use_k = (top_k > 0) & (top_k < vocab)
     kept_m = kept.clone()
     kth = c.gather(1, (top_k - 1).clamp(min=0, max=kk - 1))
-    k_known = ~(use_k & (top_k > kk))  # the k-th largest is among the candidates
+    k_known = (use_k & (top_k > kk)).logical_not()  # the k-th largest is among the candidates
     # (k > K: every candidate is among the k largest)
-    kept &= ~use_k | ~k_known | (c >= kth)
+    kept &= use_k.logical_not() | k_known.logical_not() | (c >= kth)
     # min_p and top_k keep every id at or above a value: if the smallest candidate is out, so is
     # every id past the candidates
-    cut = whole | ~kept_m[:, -1] | (~kept[:, -1] & k_known[:, 0])
+    cut = kept_m[:, -1].logical_not() | (kept[:, -1].logical_not() & k_known[:, 0])
+    if whole:
+        cut = torch.ones_like(cut)
     use_p = (top_p < 1.0)[:, 0]
     # top_p over the renormalized kept set: its normalizer from the candidates when they hold
     # it, from the full row when no earlier filter applies (else unknown: not exact)
@@ -137,16 +135,16 @@ def candidate_filter(cand: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     lse = torch.logsumexp(x, dim=-1)
     norm_known = cut.clone()
     if full_lse is not None:
-        free = ~(use_m | use_k)[:, 0]
-        lse = torch.where(cut | ~free, lse, full_lse.double().to(dev))
+        free = (use_m | use_k)[:, 0].logical_not()
+        lse = torch.where(cut | free.logical_not(), lse, full_lse.double().to(dev))
         norm_known |= free
     probs = torch.exp(x - lse[:, None])
     above = probs.cumsum(dim=-1) - probs  # the kept mass before each candidate
     drop_p = (above >= top_p.double()) & use_p[:, None]
-    drop_p[:, 0] = False
+    drop_p.narrow(1, 0, 1).fill_(False)  # the largest is always kept
     reached = drop_p.any(dim=-1)  # the nucleus closes inside the candidates
     exact = torch.where(use_p, cut | (norm_known & reached), cut)
-    return kept & ~drop_p, exact
+    return kept & drop_p.logical_not(), exact
 
 
 # ----------------------------------------------------------------------------- logit edits
@@ -163,6 +161,33 @@ class LogitEdits:
     stop_ids: torch.Tensor | None = None  # [T] int64 ids at -inf on the first `stop_rows` rows
     stop_rows: int = 0
 
+    def __post_init__(self):
+        self._on: dict = {}  # (field, device) -> the field on that device (copied once)
+
+    def freeze(self) -> "LogitEdits":
+        """Host copies (sorted lists) of the id sets, for each tile's range without tensor ops
+        (on a GPU no host work waits for the device; under fake tensors no data-dependent op)."""
+        for name in ("ids", "banned", "stop_ids"):
+            t = getattr(self, name)
+            self._on["list:" + name] = [] if t is None else t.tolist()
+        if self.allowed is not None:
+            self._on["blocked"] = ~self.allowed
+        return self
+
+    def _range(self, name: str, c0: int, c1: int) -> tuple[int, int]:
+        ids = self._on.get("list:" + name)
+        if ids is None:
+            self.freeze()
+            ids = self._on["list:" + name]
+        return bisect.bisect_left(ids, c0), bisect.bisect_left(ids, c1)
+
+    def _at(self, name: str, dev) -> torch.Tensor:
+        key = (name, str(dev))
+        t = self._on.get(key)
+        if t is None:
+            t = self._on[key] = to_device(getattr(self, name), dev)
+        return t
+
     @property
     def masks(self) -> bool:
         """Whether some ids are at -inf (the head then gives them zero sampling mass)."""
@@ -176,31 +201,32 @@ class LogitEdits:
         c1 = c0 + c
         dev = logits.device
         if self.allowed is not None:
-            logits.masked_fill_(~self.allowed[c0:c1].to(dev)[None], NEG_INF)
+            if "blocked" not in self._on:
+                self.freeze()
+            blocked = self._on.get(("blocked", str(dev)))
+            if blocked is None:
+                blocked = self._on[("blocked", str(dev))] = to_device(self._on["blocked"], dev)
+            logits.masked_fill_(blocked.narrow(0, c0, c).unsqueeze(0), NEG_INF)
         if self.banned is not None:
-            cols = _in_range(self.banned, c0, c1)
-            if cols is not None:
-                logits[:, cols.to(dev)] = NEG_INF
-        if self.stop_ids is not None and self.stop_rows > row0:
-            cols = _in_range(self.stop_ids, c0, c1)
-            if cols is not None:
-                logits[: self.stop_rows - row0, cols.to(dev)] = NEG_INF
-        if self.ids is not None:
-            lo, hi = torch.searchsorted(self.ids, torch.tensor([c0, c1])).tolist()
+            lo, hi = self._range("banned", c0, c1)
             if hi > lo:
-                cols = (self.ids[lo:hi] - c0).to(dev)
-                x = logits[:, cols]
-                x = x + self.bias[lo:hi].to(dev)
-                r = self.rep[lo:hi].to(dev)
+                logits.index_fill_(1, self._at("banned", dev)[lo:hi] - c0, NEG_INF)
+        if self.stop_ids is not None and self.stop_rows > row0:
+            lo, hi = self._range("stop_ids", c0, c1)
+            if hi > lo:
+                logits[: self.stop_rows - row0].index_fill_(1, self._at("stop_ids", dev)[lo:hi] - c0,
+                                                           NEG_INF)
+        if self.ids is not None:
+            lo, hi = self._range("ids", c0, c1)
+            if hi > lo:
+                cols = self._at("ids", dev)[lo:hi] - c0
+                x = logits.index_select(1, cols)
+                x = x + self._at("bias", dev)[lo:hi]
+                r = self._at("rep", dev)[lo:hi]
                 x = x * torch.where(x > 0, 1.0 / r, r)  # vLLM's repetition penalty
-                x = x - self.sub[lo:hi].to(dev)
-                logits[:, cols] = x
+                x = x - self._at("sub", dev)[lo:hi]
+                logits.index_copy_(1, cols, x)
         return logits
-
-
-def _in_range(ids: torch.Tensor, c0: int, c1: int) -> torch.Tensor | None:
-    sel = ids[(ids >= c0) & (ids < c1)]
-    return (sel - c0) if sel.numel() else None
 
 
 def build_edits(*, vocab: int, prompt: Sequence[int], output: Sequence[int],
@@ -242,7 +268,7 @@ def build_edits(*, vocab: int, prompt: Sequence[int], output: Sequence[int],
         e.stop_rows = rows
     if e.ids is None and not e.masks:
         return None
-    return e
+    return e.freeze()
 
 
 # ----------------------------------------------------------------------------- bad words

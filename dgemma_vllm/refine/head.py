@@ -135,6 +135,19 @@ def _has_edits(segs) -> bool:
     return any(sg.edits is not None for sg in segs or ())
 
 
+def _candidates(segs, vocab: int) -> int:
+    """Candidates per row of a filtered chunk (host values): top_k + 1 where top_k is the only
+    filter (the k-th largest and one below it decide the set), else at least
+    FILTER_CANDIDATES; at most MAX_CANDIDATES (larger sets take the full-row fallback)."""
+    need = 1
+    for sg in segs or ():
+        f = sg.filter
+        if f:
+            only_k = f.top_k > 0 and f.top_p >= 1.0 and f.min_p <= 0.0
+            need = max(need, f.top_k + 1 if only_k else max(FILTER_CANDIDATES, f.top_k + 1))
+    return min(vocab, MAX_CANDIDATES, need)
+
+
 def _row_filters(segs, rows, device):
     """Per-row filter columns of a chunk, or None when no row of it is filtered."""
     if not any(sg.filter for sg in segs or ()):
@@ -483,7 +496,7 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
     # processed logits themselves, their normalizer
     n_cand = 0
     if filt is not None:
-        n_cand = min(vs.vocab, max(FILTER_CANDIDATES, min(MAX_CANDIDATES, int(filt[0].max()))))
+        n_cand = _candidates(segs, vs.vocab)
     cand_v = cand_i = None
     zs_stats = _Online() if filt is not None and keep_logits else None
     for t in range(tiles):
@@ -641,27 +654,35 @@ def _filtered_draw(h, vs, cols, softcap, sched_t, temperature, segs, filt, cand_
     kept, exact = candidate_filter(cand_v, top_k, top_p, min_p, vs.vocab, cand_v[:, 0], lse)
     if noise is not None:  # the reference's argmax(p / q) over the kept ids
         score = cand_v.double() - torch.log(noise.gather(1, cand_i).double())
-        score = score.masked_fill(~kept, float("-inf"))
+        score = score.masked_fill(kept.logical_not(), float("-inf"))
         pick = cand_i.gather(1, score.argmax(-1, keepdim=True))[:, 0]
     else:  # inverse CDF over the kept ids (one uniform per row)
-        w = torch.exp(cand_v.double() - cand_v[:, :1].double()).masked_fill(~kept, 0.0)
+        w = torch.exp(cand_v.double() - cand_v[:, :1].double()).masked_fill(kept.logical_not(), 0.0)
         cdf = w.cumsum(-1)
         j = torch.searchsorted(cdf, uni[:, :1] * cdf[:, -1:]).clamp_(max=cdf.shape[1] - 1)
         pick = cand_i.gather(1, j)[:, 0]
     out = torch.where(on[:, 0], pick, drawn)
-    slow = (on[:, 0] & ~exact).nonzero()[:, 0].tolist()
-    if slow:
-        rows = torch.tensor(slow, device=h.device)
-        full = _full_rows(h[rows], vs, cols, softcap, sched_t, temperature, segs, slow)
-        f = dense_filter(full, top_k[rows], top_p[rows], min_p[rows])
+    slow = _fallback_rows(on[:, 0] & exact.logical_not())
+    group = max(1, DEFAULT_BUDGET // vs.vocab)  # full rows at a time: flat memory
+    for g0 in range(0, len(slow), group):
+        part = slow[g0:g0 + group]
+        rows = to_device(torch.tensor(part), h.device)
+        sel = lambda t: t.index_select(0, rows)  # noqa: E731
+        full = _full_rows(sel(h), vs, cols, softcap, sched_t, temperature, segs, part)
+        f = dense_filter(full, sel(top_k), sel(top_p), sel(min_p))
         p = torch.softmax(f, dim=-1, dtype=torch.float32)
         if noise is not None:
-            out[rows] = (p / noise[rows]).argmax(-1)
+            got = (p / sel(noise)).argmax(-1)
         else:
             c = p.double().cumsum(-1)
-            out[rows] = torch.searchsorted(c, uni[rows, :1] * c[:, -1:]).clamp_(
-                max=c.shape[1] - 1)[:, 0]
+            got = torch.searchsorted(c, sel(uni)[:, :1] * c[:, -1:]).clamp_(max=c.shape[1] - 1)[:, 0]
+        out = out.index_copy(0, rows, got)
     return out
+
+
+def _fallback_rows(mask: torch.Tensor) -> list[int]:
+    """The rows of `mask` (on the host: one device-to-host copy of a filtered chunk's flags)."""
+    return to_host(mask)[0].nonzero()[:, 0].tolist()
 
 
 def _full_rows(h, vs, cols, softcap, sched_t, temperature, segs, rows):
@@ -672,8 +693,9 @@ def _full_rows(h, vs, cols, softcap, sched_t, temperature, segs, rows):
         for sg in segs or ():
             if sg.start <= r < sg.end:
                 sub.append(RowSegment(j, j + 1, sg.edits, sg.filter, sg.row0 + r - sg.start))
-    st = sched_t[rows] if isinstance(sched_t, torch.Tensor) and sched_t.dim() else sched_t
-    t = temperature[rows] if isinstance(temperature, torch.Tensor) else temperature
+    idx = to_device(torch.tensor(rows), h.device)
+    st = sched_t.index_select(0, idx) if isinstance(sched_t, torch.Tensor) and sched_t.dim() else sched_t
+    t = temperature.index_select(0, idx) if isinstance(temperature, torch.Tensor) else temperature
     parts = []
     for c0 in range(0, vs.size, cols):
         c1 = min(c0 + cols, vs.size)
