@@ -101,6 +101,12 @@ def test_sampling_parameters_through_the_openai_client(client, tiny_ckpt):
     # (a dict by token text: ids that decode to the same text share an entry)
     assert all(1 <= len(t) <= 4 for t in lp.top_logprobs)
     assert sum(len(t) >= 3 for t in lp.top_logprobs) >= 12
+    # streamed: every delivered token with its logprob, the same values as unstreamed
+    streamed = []
+    for ev in client.completions.create(stream=True, logprobs=3, extra_body=xb, **base):
+        if ev.choices and ev.choices[0].logprobs:
+            streamed += ev.choices[0].logprobs.token_logprobs
+    assert streamed == lp.token_logprobs
     # chat logprobs + top_logprobs
     c = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12, seed=2,
