@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -142,6 +143,40 @@ def test_sampling_parameters_through_the_openai_client(client, tiny_ckpt):
     a = client.completions.create(n=2, extra_body=xb, **base)
     b = client.completions.create(n=2, extra_body=xb, **base)
     assert [x.text for x in a.choices] == [x.text for x in b.choices] and len(a.choices) == 2
+
+
+def test_response_format_and_structured_outputs_through_the_openai_client(client):
+    """OpenAI response_format (json_schema, json_object) and vLLM's structured_outputs on the
+    server: the text parses; streamed, every delta extends a valid prefix to the same text."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=120, seed=3, response_format=rf,
+                                       extra_body={"vllm_xargs": XARGS})
+    assert c.choices[0].finish_reason == "stop", c.choices[0].message.content
+    data = json.loads(c.choices[0].message.content, strict=False)
+    assert set(data) == {"ok", "n"} and isinstance(data["ok"], bool) and 0 <= data["n"] <= 99
+    assert c.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=120, seed=4,
+                                  extra_body={"vllm_xargs": XARGS,
+                                              "response_format": {"type": "json_object"}})
+    # a random-weight model may write one long string: then "length" with a valid prefix
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].text, strict=False), dict)
+    else:
+        assert r.choices[0].text.lstrip().startswith("{") and r.usage.completion_tokens == 120
+    kw = dict(model="tiny", prompt="x", max_tokens=60, seed=5,
+              extra_body={"vllm_xargs": XARGS, "structured_outputs": {"regex": "[a-d]{4,30}!"}})
+    full = client.completions.create(**kw).choices[0].text
+    assert re.fullmatch("[a-d]{4,30}!", full), full
+    text = ""
+    for ev in client.completions.create(stream=True, **kw):
+        if ev.choices and ev.choices[0].text:
+            text += ev.choices[0].text
+            assert re.fullmatch("[a-d]*!?", text)
+    assert text == full
 
 
 def _metric(base, name):

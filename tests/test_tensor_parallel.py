@@ -85,6 +85,15 @@ def _check_sampling_params(llm, model):
         kth = x.topk(30, -1).values[:, -1:]
         return real(torch.softmax(x.masked_fill(x < kth, float("-inf")), -1), *a, **k)
 
+    # structured output over two ranks (candidates and the exact fallback merged across them)
+    from vllm.sampling_params import StructuredOutputsParams
+
+    import re
+
+    so = SamplingParams(max_tokens=60, seed=3, extra_args=STEPS,
+                        structured_outputs=StructuredOutputsParams(regex="[a-f]{3,20}\\.[0-9]{2}"))
+    text = llm.generate([{"prompt_token_ids": PROMPT}], so, use_tqdm=False)[0].outputs[0].text
+    assert re.fullmatch("[a-f]{3,20}\\.[0-9]{2}", text), text
     torch.multinomial = top30
     try:
         want, _ = _reference(model, 8, 40, _Rules(len(PROMPT), presence=1.5, repetition=1.4))

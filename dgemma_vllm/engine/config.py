@@ -215,6 +215,11 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         from vllm.platforms import current_platform
 
+        from . import validation
+
+        so_cfg = getattr(vllm_config, "structured_outputs_config", None)
+        validation.SERVED["reasoning_parser"] = getattr(so_cfg, "reasoning_parser", None) or None
+
         sched = vllm_config.scheduler_config
         par = vllm_config.parallel_config
         default_sched = "vllm.v1.core.sched.scheduler.Scheduler"

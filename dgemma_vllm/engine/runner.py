@@ -27,8 +27,9 @@ import torch
 
 from dgemma_vllm.model.dgemma import StepInputs, softcap_of
 from dgemma_vllm.refine.device import to_device
-from dgemma_vllm.refine.filters import (SamplingFilter, ban_sequences, build_edits, ends_bad_word,
-                                        split_bad_words)
+from dgemma_vllm.refine.filters import (LogitEdits, SamplingFilter, ban_sequences, build_edits,
+                                        ends_bad_word, split_bad_words)
+from dgemma_vllm.refine.grammar import advance, project
 from dgemma_vllm.refine.logprobs import token_logprobs, top_ids
 from dgemma_vllm.refine.head import (compiled_tile_stats, finish_steps, head_batch, head_logits,
                                      head_step, is_tiled, profile_head)
@@ -43,6 +44,7 @@ from .config import (canvas_length_of, canvas_positions, head_budget, head_compi
                      plugin_options, seeded_noise)
 
 logger = logging.getLogger("dgemma_vllm")
+GRAMMAR_TOP = 8  # candidate ids per position for the grammar projection (then the exact fallback)
 
 
 
@@ -258,6 +260,7 @@ class DGemmaRunnerMixin:
             st.knobs = parse_request_knobs(sp.extra_args, self.dg_canvas, self.dg_vocab)
             st.filter = SamplingFilter.of(sp, self.dg_vocab) if sp.temperature > 0 else None
             st.bad_single, st.bad_multi = split_bad_words(sp.bad_words_token_ids or ())
+            st.grammar = self._dg_matcher(sp) if sp.structured_outputs is not None else None
             self.dg_states[req_id] = st
         return st
 
@@ -359,7 +362,7 @@ class DGemmaRunnerMixin:
         st = self.dg_states[rp.req_id]
         start = int(self.input_batch.num_tokens_no_spec[row])
         if rp.mode == FUSED:
-            committed = st.finish_commit()
+            committed = self._dg_finish_commit(st)
             self.dg_fused_ids[rp.req_id] = committed
             self.dg_fused_commits += 1
             self.dg_commit_rows += rp.committed
@@ -404,6 +407,23 @@ class DGemmaRunnerMixin:
             allowed=sp.allowed_token_ids, banned=st.bad_single,
             stop_ids=sorted(sp.all_stop_token_ids), min_tokens=sp.min_tokens)
 
+    def _dg_matcher(self, sp):
+        """The request's grammar matcher, compiled here with vLLM's own xgrammar backend (the
+        same grammar the engine core compiled: same spec, options, tokenizer, stop ids)."""
+        if getattr(self, "dg_xgrammar", None) is None:
+            tok = V.cached_tokenizer_from_config(model_config=self.model_config)
+            self.dg_xgrammar = V.XgrammarBackend(self.vllm_config, tokenizer=tok,
+                                                 vocab_size=self.model_config.get_vocab_size())
+        key = V.get_structured_output_key(sp.structured_outputs)
+        return self.dg_xgrammar.compile_grammar(*key, stop_token_ids=sp.all_stop_token_ids).matcher
+
+    def _dg_finish_commit(self, st: CanvasState) -> torch.Tensor:
+        """The state's commit, taken; its grammar (if any) advanced by the committed tokens."""
+        ids = st.finish_commit()
+        if getattr(st, "grammar", None) is not None:
+            advance(st.grammar, ids.tolist())
+        return ids
+
     def _dg_on_commit(self, req_id: str, st: CanvasState, rows: torch.Tensor) -> None:
         """A canvas is ready to commit after this step (`rows`: its hidden states): project out
         multi-token bad words, and for a request that asks for logprobs compute them (the final
@@ -422,6 +442,18 @@ class DGemmaRunnerMixin:
                 pins = st.pins.tolist() if st.pins is not None else ()
                 st.commit = torch.tensor(ban_sequences(history, canvas, st.bad_multi,
                                                        lambda i: best[i], fixed=pins))
+        if st.grammar is not None:  # structured outputs: the commit projected onto the grammar
+            kw = dict(softcap=self.dg_softcap, row0=0, tile=self.dg_head_tile)
+            best = top_ids(rows, vs, edits=st.edits, n=GRAMMAR_TOP, **kw).tolist()
+
+            def exact(i, allowed):
+                e = LogitEdits(allowed=allowed).freeze()
+                return int(top_ids(rows[i:i + 1], vs, edits=e, n=1, **kw)[0, 0])
+
+            pins = st.pins.tolist() if st.pins is not None else ()
+            ids, _ = project(st.grammar, st.commit.tolist(), lambda i: best[i], exact,
+                             self.model_config.get_vocab_size(), fixed=pins)
+            st.commit = torch.tensor(ids, dtype=st.commit.dtype)
         if sp.logprobs is not None:
             n_top = int(sp.logprobs) if sp.logprobs >= 0 else 0
             self.dg_logprobs[req_id] = token_logprobs(
@@ -535,7 +567,8 @@ class DGemmaRunnerMixin:
         finish_steps([p for _, p in pending], kw["normalizer"], on_error=failed)
         for req_id, _, off, n in entries:
             st = self.dg_states.get(req_id)
-            if st is None or st.commit is None or not (st.bad_multi or self._dg_wants_lp(req_id)):
+            if st is None or st.commit is None or not (st.bad_multi or st.grammar is not None
+                                                        or self._dg_wants_lp(req_id)):
                 continue
             try:
                 self._dg_on_commit(req_id, st, hidden[off:off + n])
@@ -632,7 +665,7 @@ class DGemmaRunnerMixin:
             try:
                 if mode in (COMMIT, LAST):
                     self._dg_inject("commit", req_id)
-                    out[row] = self.dg_states[req_id].finish_commit().tolist()
+                    out[row] = self._dg_finish_commit(self.dg_states[req_id]).tolist()
                 elif mode == FUSED:  # committed in _prepare_inputs, before the new canvas started
                     out[row] = self.dg_fused_ids.pop(req_id).tolist()
                 if out[row] and req_id in self.dg_logprobs:

@@ -153,6 +153,15 @@ class DGemmaScheduler(V.Scheduler):
                 request_id=req_id, new_token_ids=[], events=req.take_events(), prefill_stats=stats,
                 kv_transfer_params={"dgemma_draft": draft}, trace_headers=req.trace_headers))
 
+    def get_grammar_bitmask(self, scheduler_output):
+        """No token bitmask: a canvas's positions are refined in parallel, so there is no
+        per-position grammar state while it denoises (vLLM's masks of the placeholder drafts would
+        be wrong and its runner would apply them to the canvas hidden states). The runner projects
+        each committed canvas onto the grammar instead (refine/grammar.py); vLLM's own grammar
+        still compiles, gates and advances with the committed tokens, so a disagreement ends the
+        request with an error instead of going unnoticed."""
+        return None
+
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
         carrier = V.stats_carrier(stats)

@@ -36,9 +36,16 @@ def validate_sampling_params(sp) -> None:
          "not defined for block diffusion: DiffusionGemma scores tokens only as canvas positions "
          "of a denoising step, and the causal encoder pass over the prompt predicts no next "
          "token (use logprobs for the generated tokens)"),
-        ("structured_outputs", sp.structured_outputs is not None,
-         "structured output (JSON schema, regex, grammar) is not supported"),
     ]
+    so = sp.structured_outputs
+    if so is not None:
+        backend = getattr(so, "_backend", None)
+        if backend not in (None, "xgrammar"):
+            _reject("structured_outputs", f"needs the xgrammar backend (got {backend!r}; "
+                    "--structured-outputs-config.backend xgrammar or auto)", backend)
+        if SERVED.get("reasoning_parser"):
+            _reject("structured_outputs", "is not supported yet together with --reasoning-parser "
+                    f"({SERVED['reasoning_parser']}) by dgemma_vllm", None)
     for name, bad, why in unsupported:
         if bad:
             _reject(name, why, getattr(sp, name, None))

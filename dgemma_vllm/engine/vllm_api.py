@@ -104,6 +104,15 @@ from vllm.v1.outputs import (  # noqa: F401
     EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput, SamplerOutput)
 
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: F401,E402
+# Structured outputs: the worker compiles the request's grammar with vLLM's own xgrammar backend
+# (v1/structured_output/backend_xgrammar.py: XgrammarBackend(vllm_config, tokenizer, vocab_size)
+# .compile_grammar(*get_structured_output_key(params), stop_token_ids) -> XgrammarGrammar with
+# .matcher), the engine core keeps its twin and advances it with the committed tokens
+# (Scheduler.update_from_output -> accept_tokens); the plugin's scheduler builds no bitmask
+# (Scheduler.get_grammar_bitmask, v1/core/sched/scheduler.py:1995).
+from vllm.tokenizers import cached_tokenizer_from_config  # noqa: F401,E402
+from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend  # noqa: F401,E402
+from vllm.v1.structured_output.request import get_structured_output_key  # noqa: F401,E402
 
 # How the fused-commit split (runner.split_fused) treats every field of CommonAttentionMetadata
 # (v1/attention/backend.py:387 in 0.32; unchanged in 0.33). One request becomes two attention

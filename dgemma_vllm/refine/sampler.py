@@ -46,6 +46,9 @@ class CanvasState:
     # at each canvas start) and the draw filter; None: none
     edits: object | None = None
     filter: object | None = None
+    grammar: object | None = None  # the request's grammar matcher (structured outputs)
+    bad_single: list = field(default_factory=list)
+    bad_multi: list = field(default_factory=list)
     # statistics
     canvases: int = 0
     steps: int = 0

@@ -1,0 +1,78 @@
+"""Grammar projection of a committed canvas (structured outputs), engine-free.
+
+A canvas is refined in parallel, so no per-position grammar mask exists while it denoises (the
+positions before a token are not decided yet). What is committed is made valid instead: the
+canvas chosen for commit is walked left to right on a fork of the request's grammar matcher (the
+state after every token committed so far); a token the grammar accepts is kept, otherwise the
+position takes the best token it allows under the final denoising step's logits (the row's
+``top`` ids first, else one row's exact masked argmax). Within the canvas the trajectory, the
+draws and the stopping are those of the unconstrained request; only the committed tokens
+differ where they had to. When the grammar is complete the walk stops at a stop id the grammar
+allows there (vLLM's ``check_stop`` then ends the request with finish_reason "stop"); a canvas
+that ends before it leaves a valid prefix to continue from.
+
+The matcher is xgrammar's ``GrammarMatcher`` (vLLM compiles it with its own xgrammar backend,
+``engine/runner.py``); this module needs only ``fork``, ``accept_token``, ``is_terminated`` and
+``fill_next_token_bitmask``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+def allowed_ids(matcher, vocab: int) -> torch.Tensor:
+    """The ids `matcher` accepts next, as a ``[vocab]`` bool tensor."""
+    import xgrammar as xgr
+
+    bm = xgr.allocate_token_bitmask(1, vocab)
+    matcher.fill_next_token_bitmask(bm)
+    bits = bm[0].numpy().view(np.uint32)
+    mask = ((bits[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool).reshape(-1)
+    return torch.from_numpy(mask[:vocab].copy())
+
+
+def project(matcher, canvas: Sequence[int], top: Callable[[int], Sequence[int]],
+            exact: Callable[[int, torch.Tensor], int], vocab: int,
+            fixed: Sequence[int] = ()) -> tuple[list[int], int]:
+    """The committed `canvas` made grammar-valid from `matcher`'s state (not changed: the walk
+    runs on a fork). ``top(i)``: position i's best ids, best first; ``exact(i, allowed)``: its
+    best id among ``allowed`` (a ``[vocab]`` bool tensor). `fixed` positions (pins) are kept only
+    where the grammar allows them. Returns (tokens, replaced positions)."""
+    m = matcher.fork()
+    out = [int(t) for t in canvas]
+    replaced = 0
+    fixed = set(fixed)
+    for i, tok in enumerate(out):
+        if m.is_terminated():  # complete: the tokens after the stop id are cut by check_stop
+            break
+        if m.accept_token(tok):
+            continue
+        replaced += 1
+        for alt in top(i) if i not in fixed else ():
+            if alt != tok and m.accept_token(int(alt)):
+                out[i] = int(alt)
+                break
+        else:
+            allowed = allowed_ids(m, vocab)
+            if not bool(allowed.any()):
+                raise RuntimeError(f"structured output: the grammar allows no token at canvas "
+                                   f"position {i}")
+            alt = int(exact(i, allowed))
+            if not m.accept_token(alt):
+                raise RuntimeError(f"structured output: the masked argmax {alt} was refused")
+            out[i] = alt
+    return out, replaced
+
+
+def advance(matcher, tokens: Sequence[int]) -> None:
+    """Advance the request's matcher by committed `tokens` (they are valid: projected); tokens
+    after termination are the ones check_stop cuts."""
+    for t in tokens:
+        if matcher.is_terminated():
+            return
+        if not matcher.accept_token(int(t)):
+            raise RuntimeError(f"structured output: committed token {t} refused by the grammar")
