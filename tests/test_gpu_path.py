@@ -315,6 +315,18 @@ def _fake_cuda_getitem():
     return getitem
 
 
+def _fake_cuda_patches(monkeypatch):
+    """What the head needs to run on fake CUDA tensors of a CPU-only torch."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # NYI on fake tensors
+    # fake tensors take no generator: the draws (made on the host) lose theirs here, their values
+    # do not matter to a placement and synchronisation audit
+    rand, exponential = torch.rand, torch.Tensor.exponential_
+    monkeypatch.setattr(torch, "rand", lambda *a, generator=None, **kw: rand(*a, **kw))
+    monkeypatch.setattr(torch.Tensor, "exponential_",
+                        lambda self, lambd=1.0, generator=None: exponential(self, lambd))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", _fake_cuda_getitem())
+
+
 class SyncCounter:
     """Counts, under FakeTensorMode, what would make the host wait for a GPU: device-to-host
     copies, blocking host-to-device copies and scalar reads of device tensors (``bool``, ``item``:
@@ -356,14 +368,7 @@ def test_head_on_fake_cuda_tensors_places_everything_on_the_device_and_syncs_onc
 
     from dgemma_vllm.refine.head import VocabSlice, canvas_head, to_host
 
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # NYI on fake tensors
-    # fake tensors take no generator: the draws (made on the host) lose theirs here, their values
-    # do not matter to a placement and synchronisation audit
-    rand, exponential = torch.rand, torch.Tensor.exponential_
-    monkeypatch.setattr(torch, "rand", lambda *a, generator=None, **kw: rand(*a, **kw))
-    monkeypatch.setattr(torch.Tensor, "exponential_",
-                        lambda self, lambd=1.0, generator=None: exponential(self, lambd))
-    monkeypatch.setattr(torch.Tensor, "__getitem__", _fake_cuda_getitem())
+    _fake_cuda_patches(monkeypatch)
     V, H, n = 1024, 32, 48
     gen = torch.Generator().manual_seed(0)
     counter = SyncCounter()
@@ -434,12 +439,7 @@ def test_filtered_and_edited_head_on_fake_cuda_tensors(monkeypatch, seeded):
     from dgemma_vllm.refine.filters import SamplingFilter, build_edits
     from dgemma_vllm.refine.head import RowSegment, VocabSlice, canvas_head, to_host
 
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
-    rand, exponential = torch.rand, torch.Tensor.exponential_
-    monkeypatch.setattr(torch, "rand", lambda *a, generator=None, **kw: rand(*a, **kw))
-    monkeypatch.setattr(torch.Tensor, "exponential_",
-                        lambda self, lambd=1.0, generator=None: exponential(self, lambd))
-    monkeypatch.setattr(torch.Tensor, "__getitem__", _fake_cuda_getitem())
+    _fake_cuda_patches(monkeypatch)
     calls = []
 
     def fallback(mask):  # the real one reads values (nonzero) a fake tensor does not have

@@ -17,6 +17,7 @@ from dgemma_vllm.refine.filters import (LogitEdits, SamplingFilter, ban_sequence
                                         candidate_filter, dense_filter, ends_bad_word,
                                         filter_params)
 from dgemma_vllm.refine.head import RowSegment, VocabSlice, canvas_head
+from test_head import _Group  # all-gather / all-reduce between threads (simulated ranks)
 
 V, H, N, CAP = 1000, 32, 24, 30.0
 
@@ -179,21 +180,6 @@ def test_unfiltered_rows_of_a_mixed_chunk_are_unchanged():
     assert torch.equal(plain.denoiser[:12], mixed.denoiser[:12])
     top3 = (torch.tanh(hidden @ w.T / CAP) * CAP).topk(3, -1).indices
     assert all(int(mixed.denoiser[r]) in top3[r].tolist() for r in range(12, N))
-
-
-class _Group:
-    def __init__(self, ranks):
-        self.ranks, self.barrier, self.box = ranks, threading.Barrier(ranks), {}
-
-    def ops(self, rank):
-        def exchange(t):
-            self.box[rank] = t
-            self.barrier.wait()
-            out = [self.box[r] for r in range(self.ranks)]
-            self.barrier.wait()
-            return out
-
-        return (lambda t: torch.stack(exchange(t))), (lambda t: sum(exchange(t)))
 
 
 @pytest.mark.parametrize("f", [SamplingFilter(top_k=20, top_p=0.9), SamplingFilter(top_p=0.999)])
