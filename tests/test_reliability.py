@@ -137,7 +137,7 @@ MALFORMED = [
     ({"allowed_token_ids": [VOCAB + 5]}, "allowed_token_ids"),
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"bad_words": [""]}, "bad_words"),
-    ({"structured_outputs": {"json": {"type": "objekt"}}}, "json"),  # a malformed schema
+    ({"structured_outputs": {"json": {"type": "objekt"}}}, "objekt"),  # a malformed schema
     ({"structured_outputs": {"regex": "(unclosed"}}, "regex"),
     ({"temperature": -1}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
