@@ -394,10 +394,6 @@ class DGemmaRunnerMixin:
         req = self.requests[req_id]
         sp = req.sampling_params
         st = self.dg_states[req_id]
-        if (sp.presence_penalty == 0 and sp.frequency_penalty == 0 and sp.repetition_penalty == 1
-                and not sp.logit_bias and sp.allowed_token_ids is None and not st.bad_single
-                and not sp.min_tokens):
-            return None
         output = [t for t in req.output_token_ids if t >= 0] + list(committing)
         return build_edits(
             vocab=self.dg_vocab, prompt=req.prompt_token_ids or (), output=output,
@@ -420,7 +416,7 @@ class DGemmaRunnerMixin:
     def _dg_finish_commit(self, st: CanvasState) -> torch.Tensor:
         """The state's commit, taken; its grammar (if any) advanced by the committed tokens."""
         ids = st.finish_commit()
-        if getattr(st, "grammar", None) is not None:
+        if st.grammar is not None:
             advance(st.grammar, ids.tolist())
         return ids
 
@@ -431,6 +427,7 @@ class DGemmaRunnerMixin:
         req = self.requests[req_id]
         sp = req.sampling_params
         vs = self._dg_vocab()
+        pins = st.pins.tolist() if st.pins is not None else ()
         if st.bad_multi:
             history = [t for t in req.output_token_ids if t >= 0]
             history = (list(req.prompt_token_ids or ()) + history)
@@ -439,7 +436,6 @@ class DGemmaRunnerMixin:
                 width = min(len(st.bad_multi) + 1, vs.vocab)
                 best = top_ids(rows, vs, softcap=self.dg_softcap, edits=st.edits, row0=0, n=width,
                                tile=self.dg_head_tile).tolist()
-                pins = st.pins.tolist() if st.pins is not None else ()
                 st.commit = torch.tensor(ban_sequences(history, canvas, st.bad_multi,
                                                        lambda i: best[i], fixed=pins))
         if st.grammar is not None:  # structured outputs: the commit projected onto the grammar
@@ -450,7 +446,6 @@ class DGemmaRunnerMixin:
                 e = LogitEdits(allowed=allowed).freeze()
                 return int(top_ids(rows[i:i + 1], vs, edits=e, n=1, **kw)[0, 0])
 
-            pins = st.pins.tolist() if st.pins is not None else ()
             ids, _ = project(st.grammar, st.commit.tolist(), lambda i: best[i], exact,
                              self.model_config.get_vocab_size(), fixed=pins)
             st.commit = torch.tensor(ids, dtype=st.commit.dtype)

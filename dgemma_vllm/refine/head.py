@@ -171,6 +171,11 @@ def softcap_(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     return logits.div_(softcap).tanh_().mul_(softcap)
 
 
+def tile_matmul(h: torch.Tensor, vs: VocabSlice, c0: int, c1: int) -> torch.Tensor:
+    """``h @ weight[c0:c1].T`` of one vocabulary tile (the engine's GEMM where it gave one)."""
+    return vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None else F.linear(h, vs.weight[c0:c1])
+
+
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
     """The capped fp32 logits of ``hidden`` against the head rows ``weight``."""
     return softcap_(F.linear(hidden, weight), softcap)
@@ -503,8 +508,7 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
         c0, c1 = t * cols, min((t + 1) * cols, vs.size)
         if c0 >= c1:
             continue
-        raw = (vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None
-               else F.linear(h, vs.weight[c0:c1]))
+        raw = tile_matmul(h, vs, c0, c1)
         emb = _soft_product(vs, c0, c1) if want_soft else None
         cdf = None
         if vs.tile_stats is not None and not keep_logits and noise is None and not edits:
@@ -699,8 +703,7 @@ def _full_rows(h, vs, cols, softcap, sched_t, temperature, segs, rows):
     parts = []
     for c0 in range(0, vs.size, cols):
         c1 = min(c0 + cols, vs.size)
-        raw = (vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None
-               else F.linear(h, vs.weight[c0:c1]))
+        raw = tile_matmul(h, vs, c0, c1)
         logits = softcap_(raw, softcap)
         _edit(logits, sub, vs.start + c0)
         z = logits / st

@@ -22,9 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from .head import VocabSlice, _edit, _merge_top, merge, softcap_
+from .head import VocabSlice, _edit, _merge_top, merge, softcap_, tile_matmul
 
 
 class Logprobs(NamedTuple):
@@ -40,8 +39,7 @@ def _tiles(vs: VocabSlice, cols: int):
 
 
 def _raw(h, vs, c0, c1, softcap):
-    raw = vs.tile_matmul(h, c0, c1) if vs.tile_matmul is not None else F.linear(h, vs.weight[c0:c1])
-    return softcap_(raw, softcap)
+    return softcap_(tile_matmul(h, vs, c0, c1), softcap)
 
 
 def _gather_top(vs, v, i, k):
