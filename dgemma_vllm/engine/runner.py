@@ -411,7 +411,20 @@ class DGemmaRunnerMixin:
             self.dg_xgrammar = V.XgrammarBackend(self.vllm_config, tokenizer=tok,
                                                  vocab_size=self.model_config.get_vocab_size())
         key = V.get_structured_output_key(sp.structured_outputs)
-        return self.dg_xgrammar.compile_grammar(*key, stop_token_ids=sp.all_stop_token_ids).matcher
+        # xgrammar 0.2.8: after one structural tag with token formats (the tool-call grammars)
+        # has been compiled, a second one compiled through the same cache gets wrong token
+        # masks (a token the mask allows is refused by accept_token; seen with two tool sets in
+        # turn). Such tags are compiled here with the cache cleared before and after; the
+        # engine core's copy only accepts tokens, which stays right.
+        tag = key[0] == V.StructuredOutputOptions.STRUCTURAL_TAG
+        if tag:
+            self.dg_xgrammar.compiler.clear_cache()
+        try:
+            return self.dg_xgrammar.compile_grammar(
+                *key, stop_token_ids=sp.all_stop_token_ids).matcher
+        finally:
+            if tag:
+                self.dg_xgrammar.compiler.clear_cache()
 
     def _dg_finish_commit(self, st: CanvasState) -> torch.Tensor:
         """The state's commit, taken; its grammar (if any) advanced by the committed tokens."""

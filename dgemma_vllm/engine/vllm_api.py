@@ -113,6 +113,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: F401,E402
 from vllm.tokenizers import cached_tokenizer_from_config  # noqa: F401,E402
 from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend  # noqa: F401,E402
 from vllm.v1.structured_output.request import get_structured_output_key  # noqa: F401,E402
+from vllm.v1.structured_output.backend_types import StructuredOutputOptions  # noqa: F401,E402
 
 # How the fused-commit split (runner.split_fused) treats every field of CommonAttentionMetadata
 # (v1/attention/backend.py:387 in 0.32; unchanged in 0.33). One request becomes two attention
@@ -272,3 +273,28 @@ def in_api_server_process() -> bool:
 
     return any(m in sys.modules for m in ("vllm.entrypoints.cli.serve",
                                           "vllm.entrypoints.openai.api_server"))
+
+
+# Tool calling (API server process; tool_parser.py). ``ToolParserManager.register_module(name,
+# force=True, module=cls)`` replaces a registered parser (tool_parsers/abstract_tool_parser.py:328);
+# the OpenAI server resolves ``--tool-call-parser`` through it when it starts
+# (parser/parser_manager.py:49). ``Gemma4EngineToolParser`` (tool_parsers/gemma4_engine_tool_parser.py)
+# parses Gemma 4's call syntax and sets no grammar for required / named tool choice;
+# ``Parser.adjust_request`` (parser/abstract_parser.py:486) calls the tool parser's
+# ``adjust_request`` after its own structural-tag step, which does nothing for Gemma 4
+# (``structural_tag_model`` is None). A ``StructuredOutputsParams(structural_tag=...)`` set there
+# is compiled by the xgrammar backend with ``compile_structural_tag`` (backend_xgrammar.py:147).
+def tool_parser_classes():
+    """(ToolParserManager, Gemma4EngineToolParser, ChatCompletionNamedToolChoiceParam,
+    ChatCompletionRequest, StructuredOutputsParams, VLLMValidationError)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionNamedToolChoiceParam,
+        ChatCompletionRequest,
+    )
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.tool_parsers import ToolParserManager
+    from vllm.tool_parsers.gemma4_engine_tool_parser import Gemma4EngineToolParser
+
+    return (ToolParserManager, Gemma4EngineToolParser, ChatCompletionNamedToolChoiceParam,
+            ChatCompletionRequest, StructuredOutputsParams, VLLMValidationError)
