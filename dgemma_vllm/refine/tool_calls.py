@@ -7,8 +7,10 @@ enforces nothing for required / named tool choice (its ``adjust_request`` sets n
 xgrammar 0.2.8 ships no Gemma 4 structural tag (commented out there because of the ``<|"|>``
 string quote). This module writes one: an xgrammar structural tag (a JSON value for vLLM's
 ``structured_outputs.structural_tag``) whose arguments follow each tool's JSON schema. The call
-markers and the quote are matched as single tokens (``{"type": "token"}``), so the grammar holds
-whether the tokenizer marks them special or not, and the model writes them as it was trained to.
+markers and the quote are matched as single tokens (``{"type": "token"}``, by id), never spelled
+in characters, so the model writes them as it was trained to. (xgrammar 0.2.8 refuses ids it
+counts special, those that decode to nothing; Gemma 4's markers, Hugging Face special tokens,
+decode to their text, as the factory's do.)
 
 Written by hand because no library has it (xgrammar's JSON-schema converter emits JSON syntax).
 Plain Python, no vLLM.
@@ -45,7 +47,7 @@ FREE_DEPTH = 2  # nesting levels a schema-free object or array value may use
 _INTEGER = r"-?(0|[1-9][0-9]{0,17})"
 _NUMBER = r"-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})?"
 _TEXT = r"([^<]|<[ =0-9])*"
-_KEY = r"[A-Za-z_][A-Za-z0-9_.\-]*"
+_KEY = r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}"
 
 _UNSUPPORTED = ("$ref", "allOf", "not", "if", "then", "else", "patternProperties",
                 "dependentSchemas", "prefixItems", "contains")
@@ -127,15 +129,15 @@ def _key_value(key: str, schema: dict, where: str, depth: int) -> dict:
 
 
 def _object(schema: dict, where: str, depth: int) -> dict:
-    props = schema.get("properties")
-    if not props:
-        return _free_object(FREE_DEPTH)
+    props = schema.get("properties") or {}
     if not isinstance(props, dict):
         raise ToolGrammarError(f"{where}: 'properties' must be an object")
     required = schema.get("required") or []
     unknown = [k for k in required if k not in props]
     if unknown:
         raise ToolGrammarError(f"{where}: required properties {unknown} are not in 'properties'")
+    if not props:
+        return _free_object(FREE_DEPTH)
     kv = {k: _key_value(k, s if isinstance(s, dict) else {}, where, depth + 1)
           for k, s in props.items()}
     req = [k for k in props if k in required]
@@ -222,8 +224,9 @@ def call_format(name: str, parameters: dict | None) -> dict:
     if not name or any(c in name for c in "{}(<: "):
         raise ToolGrammarError(f"tool name {name!r} cannot be written in Gemma 4's call syntax")
     params = parameters or {"type": "object", "properties": {}}
-    if not params.get("properties") and params.get("type", "object") == "object":
-        args = _const("{}")
+    if (params.get("type", "object") == "object" and "properties" in params
+            and not params["properties"] and not params.get("required")):
+        args = _const("{}")  # declared without parameters
     else:
         args = value_format(params, f"tool {name!r}")
     return _seq(_token(TOOL_CALL_START), _const(f"call:{name}"), args, _token(TOOL_CALL_END))
