@@ -23,7 +23,8 @@ def server(tiny_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
             "--gpu-memory-utilization", "0.1", "--seed", "0",
-            "--enable-auto-tool-choice", "--tool-call-parser", "gemma4"]  # as users start it
+            "--enable-auto-tool-choice", "--tool-call-parser", "gemma4",  # as users start it
+            "--reasoning-parser", "gemma4"]
     with serve_subprocess(tiny_ckpt, args, log, timeout=240) as base:
         yield base
 
@@ -257,6 +258,39 @@ def test_required_and_named_tool_choice_always_call_an_offered_tool(client, tiny
         client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=20,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     assert client.completions.create(model="tiny", prompt="x", max_tokens=4).choices[0].text is not None
+
+
+def _reasoning(msg):
+    return getattr(msg, "reasoning", None) or (msg.model_extra or {}).get("reasoning")
+
+
+def test_constraints_apply_after_the_reasoning_section(client):
+    """`--reasoning-parser gemma4`, thinking on: as vLLM does for autoregressive models, the
+    constraint starts after the reasoning ends: after `<channel|>` (a response_format), or at a
+    `<|tool_call>` that ends it implicitly (required tools). The first canvas's seed pins the end
+    marker (random weights would not write it); the reasoning before it is the unconstrained
+    request's, token for token, and vLLM's parser splits it off."""
+    v = {"<channel|>": 101, "<|tool_call>": 48}
+    think = {"enable_thinking": True}
+
+    def ask(end, at, seed, **kw):
+        canvas = [200 + i for i in range(16)]
+        canvas[at] = v[end]
+        xargs = {**XARGS, "diffusion_seed_canvas": canvas, "diffusion_pinned": [at]}
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=150, seed=seed,
+            extra_body={"vllm_xargs": xargs, "chat_template_kwargs": think}, **kw).choices[0]
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    free, json_c = ask("<channel|>", 4, 7), ask("<channel|>", 4, 7, response_format=rf)
+    assert _reasoning(json_c.message) and _reasoning(json_c.message) == _reasoning(free.message)
+    assert json_c.finish_reason == "stop"
+    assert json.loads(json_c.message.content, strict=False) in ({"ok": True}, {"ok": False})
+    call = ask("<|tool_call>", 3, 8, tools=TOOLS, tool_choice="required")
+    _check_calls(call.message.tool_calls, {"get_weather", "add"})
+    assert _reasoning(call.message) == _reasoning(ask("<|tool_call>", 3, 8).message)
 
 
 def _metric(base, name):

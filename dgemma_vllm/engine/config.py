@@ -218,7 +218,18 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         from . import validation
 
         so_cfg = getattr(vllm_config, "structured_outputs_config", None)
-        validation.SERVED["reasoning_parser"] = getattr(so_cfg, "reasoning_parser", None) or None
+        # Constraints after a reasoning section follow vLLM's token-id rule for engine-adapter
+        # reasoners (Gemma 4's is one); another reasoner's end is found by streaming calls the
+        # worker cannot make: constrained requests are then refused (validation.py).
+        name = getattr(so_cfg, "reasoning_parser", None) or None
+        validation.SERVED["reasoning_unsupported"] = None
+        if name and not getattr(so_cfg, "enable_in_reasoning", False):
+            try:
+                cls = V.reasoning_parser_class(name)
+            except Exception:  # noqa: BLE001 - vLLM reports an unknown parser itself
+                cls = None
+            if not V.is_engine_reasoner(cls):
+                validation.SERVED["reasoning_unsupported"] = name
 
         sched = vllm_config.scheduler_config
         par = vllm_config.parallel_config

@@ -29,7 +29,7 @@ from dgemma_vllm.model.dgemma import StepInputs, softcap_of
 from dgemma_vllm.refine.device import to_device
 from dgemma_vllm.refine.filters import (LogitEdits, SamplingFilter, ban_sequences, build_edits,
                                         ends_bad_word, split_bad_words)
-from dgemma_vllm.refine.grammar import advance, project
+from dgemma_vllm.refine.grammar import ReasoningGate, advance, project
 from dgemma_vllm.refine.logprobs import token_logprobs, top_ids
 from dgemma_vllm.refine.head import (compiled_tile_stats, finish_steps, head_batch, head_logits,
                                      head_step, is_tiled, profile_head)
@@ -202,6 +202,9 @@ class DGemmaRunnerMixin:
         self.dg_fused_ids: dict[str, torch.Tensor] = {}  # committed ids of this step's fused rows
         # logprobs of canvases ready to commit (requests that ask for them), until returned
         self.dg_logprobs: dict = {}
+        # (reasoning_ended, parser kwargs) of new constrained requests under a reasoning parser,
+        # from the scheduler (DGemmaScheduler._reasoning_of_new), until their state is built
+        self.dg_reasoning_in: dict = {}
         # noise of unseeded requests, drawn for all of them at once; the same on every rank
         self.dg_batch_gen = torch.Generator(device="cpu")
         self.dg_batch_gen.manual_seed(int(self.model_config.seed or 0) + 0x5EED)
@@ -260,7 +263,9 @@ class DGemmaRunnerMixin:
             st.knobs = parse_request_knobs(sp.extra_args, self.dg_canvas, self.dg_vocab)
             st.filter = SamplingFilter.of(sp, self.dg_vocab) if sp.temperature > 0 else None
             st.bad_single, st.bad_multi = split_bad_words(sp.bad_words_token_ids or ())
-            st.grammar = self._dg_matcher(sp) if sp.structured_outputs is not None else None
+            if sp.structured_outputs is not None:
+                st.grammar = self._dg_matcher(sp)
+                st.reasoning = self._dg_reasoning_gate(req_id)
             self.dg_states[req_id] = st
         return st
 
@@ -286,7 +291,9 @@ class DGemmaRunnerMixin:
                 raise RuntimeError(f"injected fault ({where}, {key}={value})")
 
     def _update_states(self, scheduler_output):
+        self.dg_reasoning_in.update(getattr(scheduler_output, "dg_reasoning", None) or {})
         for req_id in scheduler_output.finished_req_ids:
+            self.dg_reasoning_in.pop(req_id, None)
             st = self.dg_states.pop(req_id, None)
             self.dg_logprobs.pop(req_id, None)
             if st is not None:
@@ -426,11 +433,30 @@ class DGemmaRunnerMixin:
             if tag:
                 self.dg_xgrammar.compiler.clear_cache()
 
+    def _dg_reasoning_gate(self, req_id: str) -> ReasoningGate | None:
+        """The request's reasoning gate under a reasoning parser (None: constrained from the
+        start): vLLM's reasoner class for ``--reasoning-parser``, built here with the request's
+        parser arguments; its ``is_reasoning_end`` over the prompt decides the start state where
+        the front end left it open, as the engine core's structured-output manager does."""
+        if req_id not in self.dg_reasoning_in:
+            return None
+        ended, kwargs = self.dg_reasoning_in.pop(req_id)
+        so_cfg = self.vllm_config.structured_outputs_config
+        reasoner = V.reasoning_parser_class(so_cfg.reasoning_parser)(
+            tokenizer=V.cached_tokenizer_from_config(model_config=self.model_config),
+            **(kwargs or {}))
+        if ended is None:
+            ended = bool(reasoner.is_reasoning_end(list(self.requests[req_id].prompt_token_ids or ())))
+        return ReasoningGate(ended=bool(ended), find_end=reasoner.find_reasoning_end)
+
     def _dg_finish_commit(self, st: CanvasState) -> torch.Tensor:
-        """The state's commit, taken; its grammar (if any) advanced by the committed tokens."""
+        """The state's commit, taken; its grammar (if any) advanced by the committed tokens from
+        where the grammar starts in them (after the reasoning section)."""
         ids = st.finish_commit()
-        if st.grammar is not None:
-            advance(st.grammar, ids.tolist())
+        if st.grammar is not None and st.grammar_from is not None:
+            advance(st.grammar, ids.tolist()[st.grammar_from:])
+            if st.reasoning is not None:
+                st.reasoning.ended = True  # latched, as vLLM's reasoning_ended
         return ids
 
     def _dg_on_commit(self, req_id: str, st: CanvasState, rows: torch.Tensor) -> None:
@@ -459,9 +485,15 @@ class DGemmaRunnerMixin:
                 e = LogitEdits(allowed=allowed).freeze()
                 return int(top_ids(rows[i:i + 1], vs, edits=e, n=1, **kw)[0, 0])
 
-            ids, _ = project(st.grammar, st.commit.tolist(), lambda i: best[i], exact,
-                             self.model_config.get_vocab_size(), fixed=pins)
-            st.commit = torch.tensor(ids, dtype=st.commit.dtype)
+            canvas = st.commit.tolist()
+            start = st.grammar_from = (0 if st.reasoning is None
+                                       else st.reasoning.grammar_start(canvas))
+            if start is not None:  # the tokens before `start` are reasoning: unconstrained
+                ids, _ = project(st.grammar, canvas[start:], lambda i: best[start + i],
+                                 lambda i, allowed: exact(start + i, allowed),
+                                 self.model_config.get_vocab_size(),
+                                 fixed=[p - start for p in pins if p >= start])
+                st.commit = torch.tensor(canvas[:start] + ids, dtype=st.commit.dtype)
         if sp.logprobs is not None:
             n_top = int(sp.logprobs) if sp.logprobs >= 0 else 0
             self.dg_logprobs[req_id] = token_logprobs(

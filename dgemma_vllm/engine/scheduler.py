@@ -38,6 +38,9 @@ class DGemmaScheduler(V.Scheduler):
         self.dg_fuse = bool(plugin_options(self.vllm_config)["fuse_commit"])
         # requests whose next canvas forward commits, with the tokens it commits (the runner's)
         self.dg_ready: dict[str, list[int]] = {}
+        # a reasoning parser gates constraints (vLLM: unless enable_in_reasoning)
+        so_cfg = self.vllm_config.structured_outputs_config
+        self.dg_reasoner = bool(so_cfg.reasoning_parser) and not so_cfg.enable_in_reasoning
 
     def canvas_len_for(self, request) -> int:
         extra = request.sampling_params.extra_args if request.sampling_params else None
@@ -69,7 +72,22 @@ class DGemmaScheduler(V.Scheduler):
                 continue
             req.spec_token_ids = [PLACEHOLDER_ID] * n
             budget -= n
-        return super().schedule(*args, **kwargs)
+        out = super().schedule(*args, **kwargs)
+        if self.dg_reasoner:
+            out.dg_reasoning = self._reasoning_of_new(out)
+        return out
+
+    def _reasoning_of_new(self, out) -> dict:
+        """For each new constrained request: (reasoning_ended, reasoning_parser_kwargs) as the
+        front end gave them to vLLM's structured-output state, which the worker does not get
+        (NewRequestData has neither); the runner builds the same reasoner from them."""
+        info = {}
+        for new in out.scheduled_new_reqs:
+            req = self.requests.get(new.req_id)
+            so = getattr(req, "structured_output_request", None) if req is not None else None
+            if so is not None:
+                info[new.req_id] = (so.reasoning_ended, so.reasoning_parser_kwargs)
+        return info
 
     def _next_canvas(self, req, ids: list[int]) -> int:
         """Positions of the canvas that follows committing `ids`, or 0 when the request ends

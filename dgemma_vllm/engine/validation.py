@@ -43,9 +43,11 @@ def validate_sampling_params(sp) -> None:
         if backend not in (None, "xgrammar"):
             _reject("structured_outputs", f"needs the xgrammar backend (got {backend!r}; "
                     "--structured-outputs-config.backend xgrammar or auto)", backend)
-        if SERVED.get("reasoning_parser"):
-            _reject("structured_outputs", "is not supported yet together with --reasoning-parser "
-                    f"({SERVED['reasoning_parser']}) by dgemma_vllm", None)
+        if SERVED.get("reasoning_unsupported"):
+            _reject("structured_outputs", "is not supported with --reasoning-parser "
+                    f"{SERVED['reasoning_unsupported']} by dgemma_vllm (supported: reasoning "
+                    "parsers built on vLLM's parser engine, such as gemma4; or "
+                    "--structured-outputs-config.enable_in_reasoning true)", None)
     for name, bad, why in unsupported:
         if bad:
             _reject(name, why, getattr(sp, name, None))

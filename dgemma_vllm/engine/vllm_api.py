@@ -298,3 +298,22 @@ def tool_parser_classes():
 
     return (ToolParserManager, Gemma4EngineToolParser, ChatCompletionNamedToolChoiceParam,
             ChatCompletionRequest, StructuredOutputsParams, VLLMValidationError)
+
+
+# Reasoning parsers (runner and config, for structured outputs after the reasoning section).
+# ``ReasoningParserManager.get_reasoning_parser(name)`` (reasoning/abs_reasoning_parsers.py:230)
+# gives the class vLLM's structured-output manager instantiates per request as
+# ``cls(tokenizer=..., **reasoning_parser_kwargs)`` (v1/structured_output/__init__.py:111-124);
+# for a ``ParserEngineReasoningAdapter`` (parser/engine/adapters.py:35) with
+# ``reasoning_end_token_ids`` it bounds constraints by ``find_reasoning_end`` (:275-283).
+def reasoning_parser_class(name: str):
+    from vllm.reasoning import ReasoningParserManager
+
+    return ReasoningParserManager.get_reasoning_parser(name)
+
+
+def is_engine_reasoner(cls) -> bool:
+    """Whether vLLM bounds constraints by this reasoner's token-id rule (find_reasoning_end)."""
+    from vllm.parser.engine.adapters import ParserEngineReasoningAdapter
+
+    return isinstance(cls, type) and issubclass(cls, ParserEngineReasoningAdapter)

@@ -18,6 +18,7 @@ The matcher is xgrammar's ``GrammarMatcher`` (vLLM compiles it with its own xgra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -76,3 +77,27 @@ def advance(matcher, tokens: Sequence[int]) -> None:
             return
         if not matcher.accept_token(int(t)):
             raise RuntimeError(f"structured output: committed token {t} refused by the grammar")
+
+
+@dataclass
+class ReasoningGate:
+    """With a reasoning parser, a constraint applies only after the reasoning section, as vLLM
+    does for autoregressive requests (``StructuredOutputManager._get_constraint_bounds``,
+    v1/structured_output/__init__.py:231): from the start once the reasoning has ended (latched),
+    otherwise from the first reasoning-end token of a committed canvas: after it when the token
+    only closes the reasoning (``<channel|>``), at it when the token is content as well (a
+    ``<|tool_call>`` that opens a call). `find_end` is the reasoner's own ``find_reasoning_end``
+    (vLLM's parser instance for the request, built with the request's parser arguments)."""
+
+    ended: bool
+    find_end: Callable[[Sequence[int]], object]  # -> ReasoningEnd(offset, implicit) | None
+
+    def grammar_start(self, canvas: Sequence[int]) -> int | None:
+        """Where the grammar starts in the committed `canvas`; None when it is all reasoning."""
+        if self.ended:
+            return 0
+        end = self.find_end(list(canvas))
+        if end is None or end[0] >= len(canvas):
+            return None
+        offset, implicit = end[0], end[1]
+        return offset if implicit else offset + 1

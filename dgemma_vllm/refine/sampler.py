@@ -47,6 +47,8 @@ class CanvasState:
     edits: object | None = None
     filter: object | None = None
     grammar: object | None = None  # the request's grammar matcher (structured outputs)
+    reasoning: object | None = None  # its ReasoningGate (refine/grammar.py) under a reasoning parser
+    grammar_from: int | None = 0  # where the grammar starts in the pending commit (None: nowhere)
     bad_single: list = field(default_factory=list)
     bad_multi: list = field(default_factory=list)
     # statistics
