@@ -396,7 +396,9 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--systems", default="plugin,ar,reference")
-    ap.add_argument("--modes", default="offline,server")
+    ap.add_argument("--modes", default="offline,server",
+                    help="offline,server; or constrained alone: the plugin with structured-output "
+                         "constraints against plain requests (sampling_cost.py's variants)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
@@ -406,6 +408,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1 (got {args.repeat})")
+    if args.modes == "constrained":
+        # structured-output constraints against unconstrained requests on one plugin engine,
+        # interleaved (benchmarks/sampling_cost.py): the first --steps value, --repeat runs
+        import sampling_cost
+
+        return sampling_cost.main([
+            "--geometry", args.geometry, "--concurrency", args.concurrency,
+            "--steps", args.steps.split(",")[0], "--prompt-len", str(args.prompt_len),
+            "--output-len", str(args.output_len), "--dtype", args.dtype,
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--repeat", str(max(args.repeat, 1)),
+            "--variants", "plain," + ",".join(sampling_cost.CONSTRAINTS),
+            "--json", str(Path(args.out) / "constrained.json")])
     args.conc_list = [int(x) for x in args.concurrency.split(",")]
     steps_list = [int(x) for x in args.steps.split(",")]
     server_steps = [int(x) for x in (args.server_steps or str(steps_list[0])).split(",")]

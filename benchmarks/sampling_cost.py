@@ -1,6 +1,8 @@
-"""The cost of vLLM's sampling parameters (issue 18), side by side in one run on one engine.
+"""The cost of vLLM's sampling parameters (issue 18) and of structured-output constraints (issue
+17), side by side in one run on one engine.
 
     .venv/bin/python benchmarks/sampling_cost.py                    # medium, concurrency 1 and 16
+    .venv/bin/python benchmarks/bench.py --modes constrained        # = --variants plain,json,regex_any,regex_az
     .venv/bin/python benchmarks/sampling_cost.py --geometry tiny --concurrency 2 --repeat 1  # smoke
 
 One plugin engine serves every variant; each point runs ``--repeat`` times with the variants
@@ -30,20 +32,42 @@ VARIANTS = {
     "top_k=50": {"top_k": 50},
     "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1},
 }
+# Constraints (issue 17; `bench.py --modes constrained` runs these): a JSON object (the walk
+# keeps most of a random canvas inside its string value; once the object closes, later canvases
+# are free), any text (every canvas walked, every token kept: the cost of the walk itself), and
+# `[a-z ]*` (almost every token replaced: the worst case, top-8 candidates then exact fallbacks);
+# "+steps": the same with diffusion_grammar_every_step (a projection after every step).
+_JSON = {"json": {"type": "object", "properties": {"text": {"type": "string"},
+                                                   "n": {"type": "integer"}},
+                  "required": ["text", "n"]}}
+CONSTRAINTS = {  # name: (structured_outputs, extra vllm_xargs)
+    "json": (_JSON, {}),
+    "regex_any": ({"regex": "(.|\\n)*"}, {}),
+    "regex_az": ({"regex": "[a-z ]*"}, {}),
+    "json+steps": (_JSON, {"diffusion_grammar_every_step": True}),
+    "regex_any+steps": ({"regex": "(.|\\n)*"}, {"diffusion_grammar_every_step": True}),
+}
 
 
 def run(llm, conc, steps, args, vocab, variant):
     from vllm import SamplingParams
 
     prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
-    params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True,
-                             extra_args={"diffusion_max_steps": steps}, **VARIANTS[variant])
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kw = dict(VARIANTS.get(variant, {}))
+    xargs = {"diffusion_max_steps": steps}
+    if variant in CONSTRAINTS:
+        so, more = CONSTRAINTS[variant]
+        kw["structured_outputs"] = StructuredOutputsParams(**so)
+        xargs.update(more)
+    params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True, extra_args=xargs, **kw)
               for _ in range(conc)]
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    if VARIANTS[variant].get("logprobs") is not None:
+    if kw.get("logprobs") is not None:
         assert all(len(o.outputs[0].logprobs) == len(o.outputs[0].token_ids) for o in outs)
     return tokens / wall
 
@@ -55,7 +79,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma list of {list(VARIANTS)} and the constraints {list(CONSTRAINTS)}")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.2)

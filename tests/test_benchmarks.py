@@ -84,16 +84,19 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path):
 
 
 def test_sampling_cost_script_compares_variants_on_one_engine(tmp_path):
-    """benchmarks/sampling_cost.py (issue 18 item 5) on the tiny geometry: every variant served
-    on one engine, a ratio against the plain requests of the same point."""
+    """benchmarks/sampling_cost.py (issue 18 item 5; issue 17's constraints, which
+    `bench.py --modes constrained` runs) on the tiny geometry: every variant served on one
+    engine, a ratio against the plain requests of the same point."""
     out = tmp_path / "s.json"
+    variants = ["plain", "logprobs=5", "top_p=0.9", "top_k=50", "penalties", "json", "regex_az"]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "sampling_cost.py"), "--geometry", "tiny",
            "--concurrency", "2", "--steps", "2", "--output-len", "32", "--prompt-len", "16",
-           "--repeat", "1", "--gpu-memory-utilization", "0.1", "--json", str(out)]
+           "--repeat", "1", "--gpu-memory-utilization", "0.1", "--json", str(out),
+           "--variants", ",".join(variants)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {x["variant"] for x in rows} == {"plain", "logprobs=5", "top_p=0.9", "top_k=50", "penalties"}
+    assert {x["variant"] for x in rows} == set(variants)
     assert all(x["tokens_per_s"] > 0 for x in rows)
     assert next(x for x in rows if x["variant"] == "plain")["over_plain"] == 1.0
     assert "| logprobs=5 | 2 |" in r.stdout

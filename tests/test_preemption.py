@@ -20,10 +20,29 @@ def test_preempted_requests_complete_and_equal_reference(tiny_ckpt):
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         metrics = {m.name: m for m in llm.get_metrics()}
+        # constrained requests among plain ones, preempted: their grammar state (the worker's
+        # matcher, vLLM's own) survives; each equals its solo run (alone, no preemption)
+        from vllm.sampling_params import StructuredOutputsParams
+
+        so = [StructuredOutputsParams(regex=r"[a-m ]{10,90}\."),
+              StructuredOutputsParams(json={"type": "object", "properties": {
+                  "k": {"type": "array", "items": {"type": "integer"}}}, "required": ["k"]})]
+        cparams = [SamplingParams(max_tokens=64, seed=400 + i, extra_args={"diffusion_max_steps": 3},
+                                  structured_outputs=so[i % 2] if i < 4 else None)
+                   for i in range(8)]
+        batch = llm.generate([{"prompt_token_ids": p} for p in prompts], cparams, use_tqdm=False)
+        after = {m.name: m for m in llm.get_metrics()}["vllm:num_preemptions"].value
+        solo = [llm.generate([{"prompt_token_ids": prompts[i]}], [cparams[i]], use_tqdm=False)[0]
+                for i in range(4)]
     finally:
         stop_llm(llm)
     preemptions = metrics["vllm:num_preemptions"].value
     assert preemptions > 0, "the KV cache was not small enough to force preemption"
+    assert after > preemptions, "the constrained batch was not preempted"
+    for i in range(4):
+        got = batch[i].outputs[0]
+        assert got.finish_reason in ("stop", "length") and list(got.token_ids) == list(
+            solo[i].outputs[0].token_ids), i
     for p, sp, o in zip(prompts, params, outs):
         want = ref.expected_tokens(model, p, sp.seed, 64, EOS_IDS, max_denoising_steps=3)
         assert list(o.outputs[0].token_ids) == want

@@ -432,6 +432,24 @@ def test_streamed_drafts(server, client):
                                       extra_body={"ignore_eos": True, "vllm_xargs": {
                                           **xargs, "diffusion_stream_drafts": True}})
     assert whole.choices[0].text == text(plain)
+    # a constrained request's drafts show only the prefix its grammar accepts
+    so = _sse(server, "completions", {**body, "ignore_eos": False,
+                                      "structured_outputs": {"regex": "[a-d]{4,60}!"},
+                                      "vllm_xargs": {**xargs, "diffusion_stream_drafts": True}})
+    out = text(so)
+    assert re.fullmatch("[a-d]{4,60}!", out), out
+    so_drafts = [c["dgemma_draft"] for e in so for c in e["choices"] if "dgemma_draft" in c]
+    assert so_drafts and all(len(d["token_ids"]) <= 16 for d in so_drafts)
+    assert all(re.fullmatch("[a-d]*!?", d["text"]) for d in so_drafts), so_drafts
+    # projecting every step (diffusion_grammar_every_step): each draft is a whole valid prefix
+    guided = _sse(server, "completions", {**body, "ignore_eos": False,
+                                          "structured_outputs": {"regex": "[a-d]{4,60}!"},
+                                          "vllm_xargs": {**xargs, "diffusion_stream_drafts": True,
+                                                         "diffusion_grammar_every_step": True}})
+    assert re.fullmatch("[a-d]{4,60}!", text(guided)), text(guided)
+    g_drafts = [c["dgemma_draft"] for e in guided for c in e["choices"] if "dgemma_draft" in c]
+    assert g_drafts and all(re.fullmatch("[a-d]*!?", d["text"]) for d in g_drafts), g_drafts
+    assert all(len(d["token_ids"]) == 16 or d["text"].endswith("!") for d in g_drafts), g_drafts
     import openai
 
     with pytest.raises(openai.BadRequestError, match="diffusion_stream_drafts"):

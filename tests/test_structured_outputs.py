@@ -149,3 +149,47 @@ def test_malformed_constraints_are_refused_and_the_engine_serves_on(llm):
         with pytest.raises((ValueError, VLLMValidationError)):
             gen(llm, max_tokens=20, seed=0, structured_outputs=so)
     assert len(gen(llm, max_tokens=8, seed=0).token_ids) > 0
+
+
+def test_guided_steps_project_the_draft_and_feed_back_only_accepted_positions():
+    """apply_steps with a guide (diffusion_grammar_every_step): the projected argmax is the
+    step's draft; accepted positions whose argmax changed take the projected token, renoised
+    ones keep their noise, pinned ones their seed token; the generator stream is untouched."""
+    from dgemma_vllm.refine.params import DiffusionParams
+    from dgemma_vllm.refine.sampler import CanvasState, apply_steps
+
+    def run(guide):
+        st = CanvasState(params=DiffusionParams(max_steps=4, entropy_bound=0.35).validate(),
+                         vocab_size=50, generator=torch.Generator().manual_seed(0))
+        st.start_canvas(6, seed=torch.tensor([[7, 7, 7, 7, 7, 9]]), pins=torch.tensor([5]))
+        st.guide = guide
+        den = torch.tensor([10, 11, 12, 13, 14, 15])
+        am = torch.tensor([20, 21, 22, 23, 24, 25])
+        ent = torch.tensor([0.1, 0.1, 0.1, 5.0, 5.0, 0.1])  # rows 3, 4 renoised (bound 0.35)
+        gen = torch.Generator().manual_seed(1)
+        apply_steps([st], den, am, ent, gen)
+        return st, torch.rand(1, generator=gen)
+
+    plain, r0 = run(None)
+    proj = torch.tensor([20, 30, 22, 33, 24, 35])  # changes rows 1 (accepted), 3 (renoised), 5 (pin)
+    guided, r1 = run(lambda am: proj.clone())
+    assert guided.argmax[0].tolist() == proj.tolist()
+    want = plain.canvas[0].clone()
+    want[1] = 30  # accepted and changed: fed back; row 3 keeps its noise, row 5 its seed
+    assert guided.canvas[0].tolist() == want.tolist() and want[5] == 9
+    assert torch.equal(r0, r1)
+
+
+def test_grammar_every_step_stays_valid_and_is_refused_without_a_constraint(llm):
+    from vllm.exceptions import VLLMValidationError
+
+    xargs = {**STEPS, "diffusion_grammar_every_step": True}
+    for seed in (2, 3):
+        o = gen(llm, max_tokens=100, seed=seed, structured_outputs=_so(json=SCHEMA), extra_args=xargs)
+        assert o.finish_reason == "stop"
+        data = json.loads(o.text, strict=False)
+        assert set(data) == {"name", "age"} and isinstance(data["age"], int)
+    o = gen(llm, max_tokens=60, seed=4, structured_outputs=_so(regex=r"[a-c]{5,40}\."), extra_args=xargs)
+    assert re.fullmatch(r"[a-c]{5,40}\.", o.text), o.text
+    with pytest.raises((ValueError, VLLMValidationError), match="diffusion_grammar_every_step"):
+        gen(llm, max_tokens=8, seed=0, extra_args=xargs)

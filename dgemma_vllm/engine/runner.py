@@ -29,7 +29,7 @@ from dgemma_vllm.model.dgemma import StepInputs, softcap_of
 from dgemma_vllm.refine.device import to_device
 from dgemma_vllm.refine.filters import (LogitEdits, SamplingFilter, ban_sequences, build_edits,
                                         ends_bad_word, split_bad_words)
-from dgemma_vllm.refine.grammar import ReasoningGate, advance, project
+from dgemma_vllm.refine.grammar import ReasoningGate, advance, project, valid_prefix
 from dgemma_vllm.refine.logprobs import token_logprobs, top_ids
 from dgemma_vllm.refine.head import (compiled_tile_stats, finish_steps, head_batch, head_logits,
                                      head_step, is_tiled, profile_head)
@@ -478,27 +478,39 @@ class DGemmaRunnerMixin:
                 st.commit = torch.tensor(ban_sequences(history, canvas, st.bad_multi,
                                                        lambda i: best[i], fixed=pins))
         if st.grammar is not None:  # structured outputs: the commit projected onto the grammar
-            kw = dict(softcap=self.dg_softcap, row0=0, tile=self.dg_head_tile)
-            best = top_ids(rows, vs, edits=st.edits, n=GRAMMAR_TOP, **kw).tolist()
-
-            def exact(i, allowed):
-                e = LogitEdits(allowed=allowed).freeze()
-                return int(top_ids(rows[i:i + 1], vs, edits=e, n=1, **kw)[0, 0])
-
             canvas = st.commit.tolist()
-            start = st.grammar_from = (0 if st.reasoning is None
-                                       else st.reasoning.grammar_start(canvas))
-            if start is not None:  # the tokens before `start` are reasoning: unconstrained
-                ids, _ = project(st.grammar, canvas[start:], lambda i: best[start + i],
-                                 lambda i, allowed: exact(start + i, allowed),
-                                 self.model_config.get_vocab_size(),
-                                 fixed=[p - start for p in pins if p >= start])
-                st.commit = torch.tensor(canvas[:start] + ids, dtype=st.commit.dtype)
+            ids, st.grammar_from = self._dg_project(st, canvas, rows, vs, pins)
+            st.commit = torch.tensor(ids, dtype=st.commit.dtype)
         if sp.logprobs is not None:
             n_top = int(sp.logprobs) if sp.logprobs >= 0 else 0
             self.dg_logprobs[req_id] = token_logprobs(
                 rows, vs, st.commit, softcap=self.dg_softcap, n_top=n_top,
                 tile=self.dg_head_tile)
+
+    def _dg_project(self, st: CanvasState, canvas: list[int], rows: torch.Tensor, vs,
+                    pins=()) -> tuple[list[int], int | None]:
+        """`canvas` projected onto the request's grammar from where it starts in it (after a
+        reasoning section), under the logits of `rows` (the canvas rows' hidden states): each
+        row's GRAMMAR_TOP best ids, computed only once a token is refused, then that row's exact
+        masked argmax. Returns (tokens, grammar start or None: all reasoning)."""
+        start = 0 if st.reasoning is None else st.reasoning.grammar_start(canvas)
+        if start is None:
+            return canvas, None
+        kw = dict(softcap=self.dg_softcap, row0=0, tile=self.dg_head_tile)
+        best = []
+
+        def top(i):
+            if not best:  # one tiled pass for all rows (a collective under TP: every rank
+                best.append(top_ids(rows, vs, edits=st.edits, n=GRAMMAR_TOP, **kw).tolist())
+            return best[0][start + i]  # gets here at the same position, same inputs)
+
+        def exact(i, allowed):
+            e = LogitEdits(allowed=allowed).freeze()
+            return int(top_ids(rows[start + i:start + i + 1], vs, edits=e, n=1, **kw)[0, 0])
+
+        ids, _ = project(st.grammar, canvas[start:], top, exact, self.model_config.get_vocab_size(),
+                         fixed=[p - start for p in pins if p >= start])
+        return canvas[:start] + ids, start
 
     def _dg_model(self):
         m = self.model
@@ -604,7 +616,18 @@ class DGemmaRunnerMixin:
             for req_id in owners[id(p)]:
                 self._dg_fail(req_id, "denoising step", exc)
 
+        guided = []
+        for req_id, _, off, n in entries:  # diffusion_grammar_every_step: mode B
+            st = self.dg_states.get(req_id)
+            if st is not None and st.grammar is not None and st.knobs.grammar_every_step:
+                rows = hidden[off:off + n]
+                pins = st.pins.tolist() if st.pins is not None else ()
+                st.guide = (lambda am, st=st, rows=rows, pins=pins: torch.tensor(
+                    self._dg_project(st, am.tolist(), rows, vs, pins)[0]))
+                guided.append(st)
         finish_steps([p for _, p in pending], kw["normalizer"], on_error=failed)
+        for st in guided:
+            st.guide = None
         for req_id, _, off, n in entries:
             st = self.dg_states.get(req_id)
             if st is None or st.commit is None or not (st.bad_multi or st.grammar is not None
@@ -617,7 +640,12 @@ class DGemmaRunnerMixin:
         for req_id, _, _, _ in entries:
             st = self.dg_states.get(req_id)
             if st is not None and st.knobs.stream_drafts and st.commit is None:
-                self.dg_drafts[req_id] = (st.argmax[0].tolist(), st.steps_this_canvas)
+                draft = st.argmax[0].tolist()
+                if st.grammar is not None:  # only the prefix the grammar accepts
+                    start = 0 if st.reasoning is None else st.reasoning.grammar_start(draft)
+                    if start is not None:
+                        draft = draft[:start + valid_prefix(st.grammar, draft[start:])]
+                self.dg_drafts[req_id] = (draft, st.steps_this_canvas)
 
     def _dg_wants_lp(self, req_id: str) -> bool:
         return self.requests[req_id].sampling_params.logprobs is not None

@@ -19,7 +19,7 @@ from dgemma_vllm.refine.params import EXTRA_ARGS, DiffusionParams, parse_request
 # Knobs of upstream DiffusionGemma users that this version of the plugin does not implement yet.
 NOT_YET: tuple[str, ...] = ()
 CANVAS_KNOBS = ("diffusion_canvas_length", "diffusion_seed_canvas", "diffusion_pinned",
-                "diffusion_stream_drafts")
+                "diffusion_stream_drafts", "diffusion_grammar_every_step")
 
 # Served geometry, recorded by the config hook in this (front-end) process.
 SERVED = {"canvas_length": 256, "vocab_size": 262144, "defaults": {}}
@@ -69,6 +69,9 @@ def validate_sampling_params(sp) -> None:
         raise VLLMValidationError(str(e), parameter=name) from None
     if knobs.stream_drafts and sp.n != 1:
         _reject("diffusion_stream_drafts", f"needs n = 1 (got n = {sp.n})", True)
+    if knobs.grammar_every_step and so is None:
+        _reject("diffusion_grammar_every_step", "needs a constraint (structured_outputs, "
+                "response_format or a forced tool choice)", True)
 
 
 class DGemmaParamsValidator(LogitsProcessor):

@@ -69,6 +69,19 @@ def project(matcher, canvas: Sequence[int], top: Callable[[int], Sequence[int]],
     return out, replaced
 
 
+def valid_prefix(matcher, tokens: Sequence[int]) -> int:
+    """How many leading `tokens` the grammar accepts from `matcher`'s state (on a fork), the
+    stop id that completes it not counted (it ends the output, it is not text): a streamed draft
+    of a constrained request shows only that prefix, so every draft is a prefix of a valid output
+    (a draft is not projected unless diffusion_grammar_every_step: its positions have no final
+    logits yet)."""
+    m = matcher.fork()
+    for i, t in enumerate(tokens):
+        if not m.accept_token(int(t)) or m.is_terminated():
+            return i
+    return len(tokens)
+
+
 def advance(matcher, tokens: Sequence[int]) -> None:
     """Advance the request's matcher by committed `tokens` (they are valid: projected); tokens
     after termination are the ones check_stop cuts."""

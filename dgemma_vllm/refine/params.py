@@ -113,6 +113,7 @@ class RequestKnobs:
     seed_canvas: tuple[int, ...] | None = None
     pinned: tuple[int, ...] | None = None
     stream_drafts: bool = False
+    grammar_every_step: bool = False  # structured outputs: project every step's argmax (mode B)
 
 
 def parse_request_knobs(extra: dict | None, served_canvas: int, vocab_size: int) -> RequestKnobs:
@@ -152,8 +153,13 @@ def parse_request_knobs(extra: dict | None, served_canvas: int, vocab_size: int)
         if bad or len(set(pins)) != len(pins):
             raise ValueError(f"diffusion_pinned must be distinct positions in [0, {length}), got "
                              f"{list(pins)[:8]}")
-    drafts = extra.get("diffusion_stream_drafts", False)
-    # JSON true arrives as 1 through the OpenAI server's vllm_xargs schema (str|int|float|list)
-    if drafts not in (True, False) or not isinstance(drafts, (bool, int)):
-        raise ValueError(f"diffusion_stream_drafts must be true or false (or 1 / 0), got {drafts!r}")
-    return RequestKnobs(canvas_length=n, seed_canvas=seed, pinned=pins, stream_drafts=bool(drafts))
+    def flag(name):
+        v = extra.get(name, False)
+        # JSON true arrives as 1 through the OpenAI server's vllm_xargs schema (str|int|float|list)
+        if v not in (True, False) or not isinstance(v, (bool, int)):
+            raise ValueError(f"{name} must be true or false (or 1 / 0), got {v!r}")
+        return bool(v)
+
+    return RequestKnobs(canvas_length=n, seed_canvas=seed, pinned=pins,
+                        stream_drafts=flag("diffusion_stream_drafts"),
+                        grammar_every_step=flag("diffusion_grammar_every_step"))

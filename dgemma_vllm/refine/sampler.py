@@ -49,6 +49,9 @@ class CanvasState:
     grammar: object | None = None  # the request's grammar matcher (structured outputs)
     reasoning: object | None = None  # its ReasoningGate (refine/grammar.py) under a reasoning parser
     grammar_from: int | None = 0  # where the grammar starts in the pending commit (None: nowhere)
+    # set for one step by the engine (structured outputs, diffusion_grammar_every_step): the
+    # step's argmax row [n] -> its projection onto the grammar (refine/grammar.py), see apply_steps
+    guide: object | None = None
     bad_single: list = field(default_factory=list)
     bad_multi: list = field(default_factory=list)
     # statistics
@@ -191,6 +194,17 @@ def apply_steps(states: list[CanvasState], denoiser: torch.Tensor, new_argmax: t
             if st.pins is not None:
                 canvas[b, st.pins] = st.seed[0, st.pins]
                 am[b, st.pins] = st.seed[0, st.pins]
+            if st.guide is not None:
+                # grammar guidance: the argmax projected onto the grammar stands for this step's
+                # draft (stability, commit), and an accepted position whose argmax the grammar
+                # refused takes the projected token, so the next step sees the structure (pinned
+                # positions keep their seed token in the canvas)
+                proj = st.guide(am[b]).to(am.dtype)
+                fix = (proj != am[b]) & accepted_mask[b]
+                if st.pins is not None:
+                    fix[st.pins] = False
+                canvas[b] = torch.where(fix, proj, canvas[b])
+                am[b] = proj
         conf = torch.tensor([states[i].params.confidence_threshold for i in idx], dtype=en.dtype)
         confident = (en.mean(-1) < conf).tolist()
         stable = [True] * len(idx)
