@@ -413,6 +413,7 @@ def main(argv=None):
         # interleaved (benchmarks/sampling_cost.py): the first --steps value, --repeat runs
         import sampling_cost
 
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         return sampling_cost.main([
             "--geometry", args.geometry, "--concurrency", args.concurrency,
             "--steps", args.steps.split(",")[0], "--prompt-len", str(args.prompt_len),

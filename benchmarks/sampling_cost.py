@@ -2,7 +2,7 @@
 17), side by side in one run on one engine.
 
     .venv/bin/python benchmarks/sampling_cost.py                    # medium, concurrency 1 and 16
-    .venv/bin/python benchmarks/bench.py --modes constrained        # = --variants plain,json,regex_any,regex_az
+    .venv/bin/python benchmarks/bench.py --modes constrained        # = --variants plain,json,any,regex_az,json+steps,any+steps
     .venv/bin/python benchmarks/sampling_cost.py --geometry tiny --concurrency 2 --repeat 1  # smoke
 
 One plugin engine serves every variant; each point runs ``--repeat`` times with the variants
@@ -34,18 +34,21 @@ VARIANTS = {
 }
 # Constraints (issue 17; `bench.py --modes constrained` runs these): a JSON object (the walk
 # keeps most of a random canvas inside its string value; once the object closes, later canvases
-# are free), any text (every canvas walked, every token kept: the cost of the walk itself), and
+# are free), any tokens (xgrammar's any_tokens: every canvas walked, every token kept, the cost
+# of the walk itself; a regex like (.|\n)* would refuse the random byte sequences that are not
+# UTF-8), and
 # `[a-z ]*` (almost every token replaced: the worst case, top-8 candidates then exact fallbacks);
 # "+steps": the same with diffusion_grammar_every_step (a projection after every step).
 _JSON = {"json": {"type": "object", "properties": {"text": {"type": "string"},
                                                    "n": {"type": "integer"}},
                   "required": ["text", "n"]}}
+_ANY = {"structural_tag": '{"type": "structural_tag", "format": {"type": "any_tokens"}}'}
 CONSTRAINTS = {  # name: (structured_outputs, extra vllm_xargs)
     "json": (_JSON, {}),
-    "regex_any": ({"regex": "(.|\\n)*"}, {}),
+    "any": (_ANY, {}),
     "regex_az": ({"regex": "[a-z ]*"}, {}),
     "json+steps": (_JSON, {"diffusion_grammar_every_step": True}),
-    "regex_any+steps": ({"regex": "(.|\\n)*"}, {"diffusion_grammar_every_step": True}),
+    "any+steps": (_ANY, {"diffusion_grammar_every_step": True}),
 }
 
 

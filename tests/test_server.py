@@ -169,6 +169,13 @@ def test_response_format_and_structured_outputs_through_the_openai_client(client
         assert isinstance(json.loads(r.choices[0].text, strict=False), dict)
     else:
         assert r.choices[0].text.lstrip().startswith("{") and r.usage.completion_tokens == 120
+    for so, ok in [({"choice": ["alpha", "beta", "gamma"]}, lambda t: t in ("alpha", "beta", "gamma")),
+                   ({"grammar": 'root ::= "(" [0-9] [0-9]? ("+" [0-9] [0-9]?)? ")"'},
+                    lambda t: re.fullmatch(r"\(\d\d?(\+\d\d?)?\)", t))]:
+        c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=60, seed=6,
+                                           extra_body={"vllm_xargs": XARGS, "structured_outputs": so})
+        assert c.choices[0].finish_reason == "stop" and ok(c.choices[0].message.content), c
     kw = dict(model="tiny", prompt="x", max_tokens=60, seed=5,
               extra_body={"vllm_xargs": XARGS, "structured_outputs": {"regex": "[a-d]{4,30}!"}})
     full = client.completions.create(**kw).choices[0].text
@@ -300,17 +307,18 @@ def _metric(base, name):
 
 
 def test_abort_in_the_middle_of_a_canvas(server, client):
-    """A client that disconnects while a canvas is being refined ends its request: the engine
-    stops refining it (far fewer than its 25 canvases are committed), frees its KV blocks and
-    goes on serving."""
+    """A client that disconnects while a canvas of a constrained request is being refined ends
+    its request: the engine stops refining it (far fewer than its 25 canvases are committed),
+    frees its KV blocks and goes on serving."""
     import httpx
 
     # stopping off: every canvas takes all 200 steps (~1.5 s here), 25 canvases of 16 for the
     # 400 tokens: the whole request would take over half a minute
     xargs = {"diffusion_max_steps": 200, "diffusion_stability_threshold": 0,
              "diffusion_confidence_threshold": 0}
+    # constrained (a grammar that never completes): the worker's matcher goes with the request
     body = {"model": "tiny", "prompt": "Tell me a story", "max_tokens": 400, "stream": True,
-            "ignore_eos": True, "vllm_xargs": xargs}
+            "ignore_eos": True, "vllm_xargs": xargs, "structured_outputs": {"regex": "[a-z ]*"}}
     before = _metrics(server)
     running = kv = None
     with httpx.Client(timeout=60) as h:

@@ -94,6 +94,18 @@ def _check_sampling_params(llm, model):
                         structured_outputs=StructuredOutputsParams(regex="[a-f]{3,20}\\.[0-9]{2}"))
     text = llm.generate([{"prompt_token_ids": PROMPT}], so, use_tqdm=False)[0].outputs[0].text
     assert re.fullmatch("[a-f]{3,20}\\.[0-9]{2}", text), text
+    # every step projected (the walk's candidate passes run inside the step on both ranks), and a
+    # grammar the reference's tokens satisfy: then the constrained tokens are the reference's
+    so = SamplingParams(max_tokens=60, seed=3, extra_args={**STEPS, "diffusion_grammar_every_step": True},
+                        structured_outputs=StructuredOutputsParams(regex="[a-f]{3,20}\\.[0-9]{2}"))
+    text = llm.generate([{"prompt_token_ids": PROMPT}], so, use_tqdm=False)[0].outputs[0].text
+    assert re.fullmatch("[a-f]{3,20}\\.[0-9]{2}", text), text
+    want, _ = _reference(model, 21, 40)
+    any_tokens = '{"type": "structural_tag", "format": {"type": "any_tokens"}}'
+    anything = SamplingParams(max_tokens=40, seed=21, ignore_eos=True, extra_args=STEPS,
+                              structured_outputs=StructuredOutputsParams(structural_tag=any_tokens))
+    got_any = llm.generate([{"prompt_token_ids": PROMPT}], anything, use_tqdm=False)[0].outputs[0]
+    _same(list(got_any.token_ids), want[:40])
     torch.multinomial = top30
     try:
         want, _ = _reference(model, 8, 40, _Rules(len(PROMPT), presence=1.5, repetition=1.4))
