@@ -193,3 +193,24 @@ def test_grammar_every_step_stays_valid_and_is_refused_without_a_constraint(llm)
     assert re.fullmatch(r"[a-c]{5,40}\.", o.text), o.text
     with pytest.raises((ValueError, VLLMValidationError), match="diffusion_grammar_every_step"):
         gen(llm, max_tokens=8, seed=0, extra_args=xargs)
+
+
+def test_pins_that_contradict_the_constraint_are_refused(llm, tiny_ckpt):
+    """Pinned tokens at the start of the first canvas must be a start the grammar allows (400
+    otherwise, the engine serves on); allowed ones are kept."""
+    from transformers import AutoTokenizer
+    from vllm.exceptions import VLLMValidationError
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    a, z = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("z")
+    canvas = [a] * 16
+    so = _so(regex=r"[a-c]{3,20}\.")
+    for pinned_start in ([z], [a, z]):
+        seed = list(canvas)
+        seed[: len(pinned_start)] = pinned_start
+        xargs = {**STEPS, "diffusion_seed_canvas": seed, "diffusion_pinned": list(range(len(pinned_start)))}
+        with pytest.raises((ValueError, VLLMValidationError), match="diffusion_pinned"):
+            gen(llm, max_tokens=30, seed=0, structured_outputs=so, extra_args=xargs)
+    xargs = {**STEPS, "diffusion_seed_canvas": canvas, "diffusion_pinned": [0, 1, 5]}
+    o = gen(llm, max_tokens=30, seed=0, structured_outputs=so, extra_args=xargs)
+    assert re.fullmatch(r"[a-c]{3,20}\.", o.text) and o.text.startswith("aa"), o.text

@@ -223,6 +223,8 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         # worker cannot make: constrained requests are then refused (validation.py).
         name = getattr(so_cfg, "reasoning_parser", None) or None
         validation.SERVED["reasoning_unsupported"] = None
+        validation.SERVED["reasoning_gate"] = bool(name) and not getattr(so_cfg, "enable_in_reasoning", False)
+        validation.SERVED["vllm_config"] = vllm_config  # for the pins check (front end)
         if name and not getattr(so_cfg, "enable_in_reasoning", False):
             try:
                 cls = V.reasoning_parser_class(name)

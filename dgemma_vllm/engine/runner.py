@@ -38,6 +38,7 @@ from dgemma_vllm.refine.params import (from_generation_config, parse_request_kno
 from dgemma_vllm.refine.sampler import CanvasState, temperature
 
 from . import vllm_api as V
+from .grammars import backend_for, matcher_for
 from .plan import (COMMIT, DENOISE, FUSED, IDLE, LAST, PREFILL, RowPlan, RowView, StepPlan,
                    plan_step)
 from .config import (canvas_length_of, canvas_positions, head_budget, head_compile, head_tile,
@@ -414,24 +415,8 @@ class DGemmaRunnerMixin:
         """The request's grammar matcher, compiled here with vLLM's own xgrammar backend (the
         same grammar the engine core compiled: same spec, options, tokenizer, stop ids)."""
         if getattr(self, "dg_xgrammar", None) is None:
-            tok = V.cached_tokenizer_from_config(model_config=self.model_config)
-            self.dg_xgrammar = V.XgrammarBackend(self.vllm_config, tokenizer=tok,
-                                                 vocab_size=self.model_config.get_vocab_size())
-        key = V.get_structured_output_key(sp.structured_outputs)
-        # xgrammar 0.2.8: after one structural tag with token formats (the tool-call grammars)
-        # has been compiled, a second one compiled through the same cache gets wrong token
-        # masks (a token the mask allows is refused by accept_token; seen with two tool sets in
-        # turn). Such tags are compiled here with the cache cleared before and after; the
-        # engine core's copy only accepts tokens, which stays right.
-        tag = key[0] == V.StructuredOutputOptions.STRUCTURAL_TAG
-        if tag:
-            self.dg_xgrammar.compiler.clear_cache()
-        try:
-            return self.dg_xgrammar.compile_grammar(
-                *key, stop_token_ids=sp.all_stop_token_ids).matcher
-        finally:
-            if tag:
-                self.dg_xgrammar.compiler.clear_cache()
+            self.dg_xgrammar = backend_for(self.vllm_config)
+        return matcher_for(self.dg_xgrammar, sp.structured_outputs, sp.all_stop_token_ids)
 
     def _dg_reasoning_gate(self, req_id: str) -> ReasoningGate | None:
         """The request's reasoning gate under a reasoning parser (None: constrained from the

@@ -69,9 +69,42 @@ def validate_sampling_params(sp) -> None:
         raise VLLMValidationError(str(e), parameter=name) from None
     if knobs.stream_drafts and sp.n != 1:
         _reject("diffusion_stream_drafts", f"needs n = 1 (got n = {sp.n})", True)
+    if so is not None and knobs.pinned:
+        _check_pins(sp, knobs)
     if knobs.grammar_every_step and so is None:
         _reject("diffusion_grammar_every_step", "needs a constraint (structured_outputs, "
                 "response_format or a forced tool choice)", True)
+
+
+_FRONTEND_GRAMMAR = {}
+
+
+def _check_pins(sp, knobs) -> None:
+    """Pinned tokens that contradict the constraint are a 400 where that is known before the
+    request runs: the pins that form the start of the first canvas (positions 0, 1, ... each
+    pinned), which the grammar must accept from its start. A pin after an unpinned position
+    depends on what the canvas holds before it; the projection at commit keeps it where the
+    grammar allows it and replaces it otherwise (README). Under a reasoning parser the grammar
+    starts after the reasoning, so nothing is known here."""
+    cfg = SERVED.get("vllm_config")
+    if cfg is None or SERVED.get("reasoning_gate"):
+        return
+    pinned = set(knobs.pinned)
+    k = 0
+    while k in pinned:
+        k += 1
+    if k == 0:
+        return
+    from .grammars import backend_for, matcher_for
+
+    if "backend" not in _FRONTEND_GRAMMAR:
+        _FRONTEND_GRAMMAR["backend"] = backend_for(cfg)
+    m = matcher_for(_FRONTEND_GRAMMAR["backend"], sp.structured_outputs)
+    for i, t in enumerate(knobs.seed_canvas[:k]):
+        if m.is_terminated() or not m.accept_token(int(t)):
+            _reject("diffusion_pinned", f"the token {t} pinned at canvas position {i} contradicts "
+                    "the request's constraint (structured_outputs / response_format / tools): "
+                    "the grammar does not allow the pinned start of the canvas", list(knobs.pinned))
 
 
 class DGemmaParamsValidator(LogitsProcessor):
