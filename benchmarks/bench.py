@@ -110,14 +110,25 @@ def summarize(system, mode, conc, steps, tokens, wall, latencies, ttfts, peak, e
 
 
 # ----------------------------------------------------------------------------- vLLM offline
-def vllm_engine(path, args, diffusion: bool):
+AR_SYSTEMS = ("ar", "ar_eager")  # the autoregressive twin: vLLM's defaults (compiled), and eager
+
+
+def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
+    """The plugin with its settings (a canvas of 256 rows per request needs the larger token
+    budget; it runs eagerly), or the autoregressive twin with vLLM's defaults (`ar`: compiled, as
+    `vllm serve` runs it; `ar_eager`: the same with enforce_eager, an extra row)."""
     from vllm import LLM
 
+    kw = dict(dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.prompt_len + args.output_len + 512, seed=0,
+              disable_log_stats=False)
+    if diffusion:
+        kw.update(max_num_seqs=max(args.conc_list), enforce_eager=True,
+                  max_num_batched_tokens=max(8192, max(args.conc_list) * 256))
+    elif system == "ar_eager":
+        kw.update(enforce_eager=True)
     t0 = time.perf_counter()
-    llm = LLM(str(path), dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.prompt_len + args.output_len + 512, max_num_seqs=max(args.conc_list),
-              max_num_batched_tokens=max(8192, max(args.conc_list) * 256), seed=0,
-              disable_log_stats=False, enforce_eager=True)
+    llm = LLM(str(path), **kw)
     return llm, time.perf_counter() - t0
 
 
@@ -195,15 +206,18 @@ def run_reference(model, conc, steps, args, vocab, canvas):
 
 
 # ----------------------------------------------------------------------------- server
-def vllm_server(path, args):
+def vllm_server(path, args, system="plugin"):
     from dgemma_vllm.cli import serve_subprocess
 
     serve_args = ["--served-model-name", "m", "--dtype", args.dtype,
                   "--max-model-len", str(args.prompt_len + args.output_len + 512),
-                  "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                  "--max-num-seqs", str(max(args.conc_list)), "--enforce-eager",
-                  "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
-    return serve_subprocess(path, serve_args, Path(args.out) / f"server_{Path(path).name}.log")
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if system == "plugin":  # as vllm_engine: the plugin's settings, vLLM's defaults for `ar`
+        serve_args += ["--max-num-seqs", str(max(args.conc_list)), "--enforce-eager",
+                       "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
+    elif system == "ar_eager":
+        serve_args += ["--enforce-eager"]
+    return serve_subprocess(path, serve_args, Path(args.out) / f"server_{system}_{Path(path).name}.log")
 
 
 def run_server(base, system, conc, steps, args, vocab):
@@ -241,7 +255,7 @@ def add_ratios(rows):
     def find(system, mode, conc, steps):
         for r in rows:
             if (r["system"], r["mode"], r["concurrency"]) == (system, mode, conc) and \
-                    (system == "ar" or r["steps"] == steps):
+                    (system in AR_SYSTEMS or r["steps"] == steps):
                 return r
         return None
 
@@ -251,6 +265,8 @@ def add_ratios(rows):
         ar = find("ar", r["mode"], r["concurrency"], None)
         hf = find("reference", "offline", r["concurrency"], r["steps"])
         r["plugin_over_ar"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar else None
+        eager = find("ar_eager", r["mode"], r["concurrency"], None)
+        r["plugin_over_ar_eager"] = r["tokens_per_s"] / eager["tokens_per_s"] if eager else None
         r["plugin_over_reference"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
 
 
@@ -269,7 +285,7 @@ def write_report(rows, meta, out: Path):
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     cols = ["system", "mode", "concurrency", "steps", "tokens_per_s", "latency_s", "ttft_s",
             "time_per_canvas_s", "tokens_per_forward", "steps_per_canvas", "peak_rss_gb",
-            "plugin_over_ar", "plugin_over_reference"]
+            "plugin_over_ar", "plugin_over_ar_eager", "plugin_over_reference"]
     if any("tokens_per_s_runs" in r for r in rows):
         cols.insert(5, "tokens_per_s_runs")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -325,7 +341,7 @@ def shutdown_engine(llm):
 def warm_engine(system, ck, args, steps, geo, starts):
     """The vLLM engine of `system` (its start time into `starts`), after one canvas-long warm-up
     request."""
-    llm, starts[system] = vllm_engine(ck[system], args, system == "plugin")
+    llm, starts[system] = vllm_engine(ck[system], args, system == "plugin", system)
     try:
         warm = argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length})
         run_vllm_offline(llm, system, 1, steps, warm, geo.vocab_size, geo.canvas_length)
@@ -354,7 +370,7 @@ def run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar):
     hits them alike. Per point the row of the median run is kept, with every run's tokens/s."""
     runners, engines = {}, []
     try:
-        for system in [s for s in systems if s in ("plugin", "ar")]:
+        for system in [s for s in systems if s in ("plugin", *AR_SYSTEMS)]:
             llm = warm_engine(system, ck, args, steps_list[0], geo, starts)
             engines.append(llm)
             runners[system] = (lambda c, st, llm=llm, system=system: run_vllm_offline(
@@ -367,11 +383,11 @@ def run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar):
         for steps in steps_list:
             for c in args.conc_list:
                 # the autoregressive model has no steps: measured with the first steps value only
-                turn = [s for s in runners if s != "ar" or steps == steps_list[0]]
+                turn = [s for s in runners if s not in AR_SYSTEMS or steps == steps_list[0]]
                 runs = {s: [] for s in turn}
                 for _ in range(args.repeat):
                     for system in turn:
-                        runs[system].append(runners[system](c, 0 if system == "ar" else steps))
+                        runs[system].append(runners[system](c, 0 if system in AR_SYSTEMS else steps))
                 for system, rs in runs.items():
                     rs.sort(key=lambda r: r["tokens_per_s"])
                     row = dict(rs[len(rs) // 2])
@@ -395,7 +411,9 @@ def main(argv=None):
                     help="steps for server mode (default: the first of --steps), comma list")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--systems", default="plugin,ar,reference")
+    ap.add_argument("--systems", default="plugin,ar,ar_eager,reference",
+                    help="plugin; ar (the autoregressive twin with vLLM's defaults: compiled); "
+                         "ar_eager (the same, enforce_eager); reference (transformers' generate)")
     ap.add_argument("--modes", default="offline,server",
                     help="offline,server; or constrained alone: the plugin with structured-output "
                          "constraints against plain requests (sampling_cost.py's variants)")
@@ -444,18 +462,19 @@ def main(argv=None):
     ck = {"plugin": cached_checkpoint(args.geometry, dtype=args.dtype),
           "reference": cached_checkpoint(args.geometry, dtype=args.dtype),
           "ar": cached_checkpoint(args.geometry, kind="autoregressive", dtype=args.dtype)}
+    ck["ar_eager"] = ck["ar"]
     rows, starts = [], {}
     total = 0
     for s in systems:
         for m in modes:
             if s == "reference" and m == "server":
                 continue
-            total += len(args.conc_list) * (1 if s == "ar" else len(steps_list if m == "offline" else server_steps))
+            total += len(args.conc_list) * (1 if s in AR_SYSTEMS else len(steps_list if m == "offline" else server_steps))
     bar = tqdm(total=total, desc="bench", unit="pt")
     if "offline" in modes and args.repeat > 1:
         rows += run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar)
     elif "offline" in modes:
-        for system in [s for s in systems if s in ("plugin", "ar")]:
+        for system in [s for s in systems if s in ("plugin", *AR_SYSTEMS)]:
             llm = warm_engine(system, ck, args, steps_list[0], geo, starts)
             try:
                 for steps in (steps_list if system == "plugin" else [None]):
@@ -475,8 +494,8 @@ def main(argv=None):
                     bar.set_postfix_str(f"reference c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
             del model
     if "server" in modes:
-        for system in [s for s in systems if s in ("plugin", "ar")]:
-            with vllm_server(ck[system], args) as server:
+        for system in [s for s in systems if s in ("plugin", *AR_SYSTEMS)]:
+            with vllm_server(ck[system], args, system) as server:
                 base = f"{server}/v1"
                 for steps in (server_steps if system == "plugin" else [None]):
                     for c in args.conc_list:
