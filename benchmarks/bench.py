@@ -143,6 +143,10 @@ def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
     # unseeded, as served traffic is (seeded requests draw the reference's exact noise)
     params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True, extra_args=extra)
               for i in range(conc)]
+    if diffusion:
+        from dgemma_vllm.engine.stats import runner_stats
+
+        before = runner_stats(llm)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -164,10 +168,28 @@ def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
         extra_cols = dict(canvases=canv, steps_per_canvas=steps_total / canv if canv else None,
                           tokens_per_forward=tokens / steps_total if steps_total else None,
                           time_per_canvas_s=(statistics.mean(lat) / (canv / conc)) if lat and canv else None)
+        extra_cols.update(step_breakdown(before, runner_stats(llm), wall))
     else:
         extra_cols = dict(tokens_per_forward=1.0)
     return summarize(system, "offline", conc, steps if diffusion else None, tokens, wall, lat, ttft,
                      mem.peak, extra_cols)
+
+
+def step_breakdown(before: dict, after: dict, wall: float) -> dict:
+    """Where an engine step's time went during one busy `generate` (rank 0's runner, host
+    clock), in ms per engine step: the model forward, the canvas head with the per-row updates,
+    the rest of the runner's work (input preparation, attention metadata, bookkeeping), and what
+    lies outside the runner (scheduling, the hand-off between the engine's processes, output
+    processing): the generate's wall time over its engine steps, less the runner's."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    steps = d.get("engine_steps", 0)
+    if not steps or "time_runner_s" not in d:
+        return {}
+    ms = lambda x: 1000.0 * x / steps  # noqa: E731
+    return dict(step_ms=ms(wall), step_forward_ms=ms(d["time_forward_s"]),
+                step_head_ms=ms(d["time_head_s"]),
+                step_runner_other_ms=ms(d["time_runner_s"] - d["time_forward_s"] - d["time_head_s"]),
+                step_outside_ms=ms(wall - d["time_runner_s"]))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -285,7 +307,8 @@ def write_report(rows, meta, out: Path):
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     cols = ["system", "mode", "concurrency", "steps", "tokens_per_s", "latency_s", "ttft_s",
             "time_per_canvas_s", "tokens_per_forward", "steps_per_canvas", "peak_rss_gb",
-            "plugin_over_ar", "plugin_over_ar_eager", "plugin_over_reference"]
+            "plugin_over_ar", "plugin_over_ar_eager", "plugin_over_reference",
+            "step_ms", "step_forward_ms", "step_head_ms", "step_runner_other_ms", "step_outside_ms"]
     if any("tokens_per_s_runs" in r for r in rows):
         cols.insert(5, "tokens_per_s_runs")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

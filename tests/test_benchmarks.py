@@ -32,6 +32,10 @@ def test_bench_command_writes_json_table_and_plots(tmp_path):
     for x in [x for x in rows if x["system"] == "plugin"]:
         assert x["plugin_over_ar"] > 0 and x["plugin_over_reference"] > 0
         assert x["steps_per_canvas"] == 2.0 and x["tokens_per_forward"] == 8.0  # 16 tokens / 2 steps
+        # an engine step's time, split: each part measured, the parts add up to the step
+        parts = [x[k] for k in ("step_forward_ms", "step_head_ms", "step_runner_other_ms",
+                                "step_outside_ms")]
+        assert all(p > 0 for p in parts[:3]) and abs(sum(parts) - x["step_ms"]) < 1e-6 * x["step_ms"] + 1e-9
     assert (out / "throughput.png").stat().st_size > 0 and (out / "ttft.png").stat().st_size > 0
     assert "plugin_over_reference" in (out / "results.md").read_text()
     assert "plugin_over_ar_eager" in (out / "results.md").read_text()

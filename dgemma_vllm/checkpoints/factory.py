@@ -174,6 +174,16 @@ GEOMETRIES: dict[str, Geometry] = {
         moe_intermediate_size=256, canvas_length=256, layer_types=(S, S, S, F, S, S, S, F),
         init_std=0.05, perturb=0.1, note="CPU benchmarks",
     ),
+    # A small-compute geometry for host overhead (issue 24): a canvas of 32, 256 hidden units, 4
+    # layers, 4096 ids; a step computes in a few ms on CPU, so per-step host work decides speed,
+    # as on a GPU at full size.
+    "lean": Geometry(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
+        num_global_key_value_heads=1, sliding_window=128, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=128, canvas_length=32, layer_types=(S, F, S, F),
+        init_std=0.05, perturb=0.1, note="host-overhead benchmarks (small compute per step)",
+    ),
     # google/diffusiongemma-26B-A4B-it as published (semantics sheet, section F). Config only.
     "full": Geometry(
         vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,

@@ -192,6 +192,12 @@ class DGemmaRunnerMixin:
                               if tiled and head_compile(opts, device_type) else None)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
+        # where an engine step's time goes (host clock, summed; on a GPU the forward's kernels
+        # run asynchronously and land in whatever waits for them, the head's copy to the host):
+        # the model forwards, the head with the per-row updates, and everything the runner does
+        # from receiving the scheduler output to returning the sampled tokens
+        self.dg_time = {"forward": 0.0, "head": 0.0, "runner": 0.0}
+        self.dg_t_enter = None
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step
         self.dg_last_commits = 0  # commits that ended their request, run as one row
         self.dg_head_rows = 0  # rows the vocabulary head ran on (canvas rows of denoising steps)
@@ -229,7 +235,8 @@ class DGemmaRunnerMixin:
                 # per-request state held now (0 when no request is running: no leak)
                 "live_states": len(self.dg_states), "pending_commits": len(self.dg_ready),
                 "fused_ids": len(self.dg_fused_ids), "failed": len(self.dg_failed),
-                "self_conditioning_calls": self._dg_model().sc_calls}
+                "self_conditioning_calls": self._dg_model().sc_calls,
+                **{f"time_{k}_s": v for k, v in self.dg_time.items()}}
 
     def dg_request_stats(self) -> dict[str, dict]:
         """Per-request refinement statistics (live and recently finished requests)."""
@@ -292,6 +299,7 @@ class DGemmaRunnerMixin:
                 raise RuntimeError(f"injected fault ({where}, {key}={value})")
 
     def _update_states(self, scheduler_output):
+        self.dg_t_enter = time.perf_counter()
         self.dg_reasoning_in.update(getattr(scheduler_output, "dg_reasoning", None) or {})
         for req_id in scheduler_output.finished_req_ids:
             self.dg_reasoning_in.pop(req_id, None)
@@ -650,6 +658,9 @@ class DGemmaRunnerMixin:
         commit (``dgemma_ready``: request id -> ids) and the requests whose bookkeeping failed
         (``dgemma_failed``: request id -> message), all read by the plugin's scheduler."""
         out = super().sample_tokens(grammar_output)
+        if self.dg_t_enter is not None:
+            self.dg_time["runner"] += time.perf_counter() - self.dg_t_enter
+            self.dg_t_enter = None
         drafts, self.dg_drafts = self.dg_drafts, {}
         ready, self.dg_ready = self.dg_ready, {}
         failed, self.dg_failed = self.dg_failed, {}
@@ -671,15 +682,19 @@ class DGemmaRunnerMixin:
         context (same positions, attention metadata and KV slots; the canvas slots are rewritten
         each time and rolled back by the scheduler as usual). The group ends early when a canvas
         is ready to commit: the commit needs the scheduler."""
+        t = time.perf_counter()
         out = super()._model_forward(input_ids=input_ids, positions=positions,
                                      intermediate_tensors=intermediate_tensors,
                                      inputs_embeds=inputs_embeds, **model_kwargs)
+        self.dg_time["forward"] += time.perf_counter() - t
         plan = self.dg_step
         if self.dg_group <= 1 or plan is None or input_ids is None or not plan.denoise_only:
             return out
         rows = self.dg_canvas_rows
         for _ in range(self.dg_group - 1):
+            t = time.perf_counter()
             self._dg_denoise_all(plan, out[rows])
+            self.dg_time["head"] += time.perf_counter() - t
             if any(r.req_id not in self.dg_states for r in plan.rows):
                 self.dg_applied = True  # a request failed: let _sample report it
                 return out
@@ -691,9 +706,11 @@ class DGemmaRunnerMixin:
             input_ids[rows] = to_device(ids, input_ids.device)
             self._dg_model().set_step(StepInputs(canvas_rows=rows,
                                                  soft_embeds=torch.cat([st.soft for st in states])))
+            t = time.perf_counter()
             out = super()._model_forward(input_ids=input_ids, positions=positions,
                                          intermediate_tensors=intermediate_tensors,
                                          inputs_embeds=inputs_embeds, **model_kwargs)
+            self.dg_time["forward"] += time.perf_counter() - t
             self.dg_inner_steps += 1
         return out
 
@@ -711,6 +728,7 @@ class DGemmaRunnerMixin:
         if not applied:
             self._dg_denoise_all(plan, logits)
         t_head = time.perf_counter() - t_head
+        self.dg_time["head"] += t_head
         for row, rp in enumerate(plan.rows):
             req_id, mode = rp.req_id, rp.mode
             if mode in (PREFILL, IDLE) or req_id in self.dg_failed:

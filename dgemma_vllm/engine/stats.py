@@ -18,6 +18,9 @@ def runner_stats(llm) -> dict:
     (commits run in one forward with the next canvas's first denoising step), ``last_commits``
     (commits that ended their request, run as one row), ``head_rows`` (rows the vocabulary head
     ran on), ``commit_rows`` (committed-token rows run through the model, no head),
-    ``canvas_forwards`` (forwards holding canvas rows) and ``self_conditioning_calls``."""
+    ``canvas_forwards`` (forwards holding canvas rows), ``self_conditioning_calls``, and the
+    host seconds summed over engine steps: ``time_forward_s`` (model forwards), ``time_head_s``
+    (the canvas head with the per-row updates), ``time_runner_s`` (all the runner's work per step,
+    the two above included: input preparation, attention metadata, bookkeeping)."""
     per_worker = llm.collective_rpc("dgemma_runner_stats")
     return per_worker[0] if per_worker else {}
