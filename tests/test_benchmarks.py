@@ -39,6 +39,19 @@ def test_bench_command_writes_json_table_and_plots(tmp_path):
     assert (out / "throughput.png").stat().st_size > 0 and (out / "ttft.png").stat().st_size > 0
     assert "plugin_over_reference" in (out / "results.md").read_text()
     assert "plugin_over_ar_eager" in (out / "results.md").read_text()
+    # benchmarks/limit.py on that result: each plugin row's fraction of this machine's GEMM limit
+    # from the geometry's FLOPs, and the H100 projection (issue 24 item 4)
+    lim = tmp_path / "limit.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "limit.py"), "--results",
+                        str(out / "results.json"), "--project-h100", "--json", str(lim)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(lim.read_text())
+    assert rep["gemm_tflops"]["fp32"] > 0 and len(rep["rows"]) == 2
+    assert all(0 < x["fraction"] < 2 and x["gflop"] > 0 for x in rep["rows"])
+    full = rep["h100_projection"]
+    assert abs(sum(full["params"].values()) / 25.2e9 - 1) < 0.02  # the release's 25.2 B
+    assert full["plugin_fp8"]["canvas_16_steps_ms"] > 0 and full["ar_fp8_c1"]["tok_s"] > 0
 
 
 def test_bench_repeat_interleaves_systems_and_reports_the_median(tmp_path):
