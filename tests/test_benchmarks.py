@@ -120,3 +120,12 @@ def test_sampling_cost_script_compares_variants_on_one_engine(tmp_path):
     assert all(x["tokens_per_s"] > 0 for x in rows)
     assert next(x for x in rows if x["variant"] == "plain")["over_plain"] == 1.0
     assert "| logprobs=5 | 2 |" in r.stdout
+
+
+def test_vllm_cli_runs_on_the_cpu_wheel():
+    """`dgemma-vllm vllm ...` is vLLM's own CLI where the wheel's `vllm` script cannot start; the
+    benchmark's server mode drives `vllm bench serve` through it."""
+    r = subprocess.run([sys.executable, "-c", "from dgemma_vllm.cli import main; main()", "vllm",
+                        "bench", "serve", "--help=max-concurrency"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--max-concurrency" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
