@@ -29,7 +29,8 @@ from dgemma_vllm.model.dgemma import StepInputs, softcap_of
 from dgemma_vllm.refine.device import to_device
 from dgemma_vllm.refine.filters import (LogitEdits, SamplingFilter, ban_sequences, build_edits,
                                         ends_bad_word, split_bad_words)
-from dgemma_vllm.refine.grammar import ReasoningGate, advance, project, valid_prefix
+from dgemma_vllm.refine.grammar import (ReasoningGate, advance, grammar_start, project,
+                                        valid_prefix)
 from dgemma_vllm.refine.logprobs import token_logprobs, top_ids
 from dgemma_vllm.refine.head import (compiled_tile_stats, finish_steps, head_batch, head_logits,
                                      head_step, is_tiled, profile_head)
@@ -486,7 +487,7 @@ class DGemmaRunnerMixin:
         reasoning section), under the logits of `rows` (the canvas rows' hidden states): each
         row's GRAMMAR_TOP best ids, computed only once a token is refused, then that row's exact
         masked argmax. Returns (tokens, grammar start or None: all reasoning)."""
-        start = 0 if st.reasoning is None else st.reasoning.grammar_start(canvas)
+        start = grammar_start(st.reasoning, canvas)
         if start is None:
             return canvas, None
         kw = dict(softcap=self.dg_softcap, row0=0, tile=self.dg_head_tile)
@@ -635,7 +636,7 @@ class DGemmaRunnerMixin:
             if st is not None and st.knobs.stream_drafts and st.commit is None:
                 draft = st.argmax[0].tolist()
                 if st.grammar is not None:  # only the prefix the grammar accepts
-                    start = 0 if st.reasoning is None else st.reasoning.grammar_start(draft)
+                    start = grammar_start(st.reasoning, draft)
                     if start is not None:
                         draft = draft[:start + valid_prefix(st.grammar, draft[start:])]
                 self.dg_drafts[req_id] = (draft, st.steps_this_canvas)

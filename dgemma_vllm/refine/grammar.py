@@ -114,3 +114,8 @@ class ReasoningGate:
             return None
         offset, implicit = end[0], end[1]
         return offset if implicit else offset + 1
+
+
+def grammar_start(gate: ReasoningGate | None, canvas: Sequence[int]) -> int | None:
+    """Where the grammar starts in `canvas` (0 without a reasoning gate; None: all reasoning)."""
+    return 0 if gate is None else gate.grammar_start(canvas)
