@@ -233,6 +233,12 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
             if not V.is_engine_reasoner(cls):
                 validation.SERVED["reasoning_unsupported"] = name
 
+        lora = getattr(vllm_config, "lora_config", None)
+        if lora is not None:  # the routed experts take no adapter (model/lora.py)
+            from dgemma_vllm.model.lora import check_target_modules
+
+            lora.target_modules = check_target_modules(lora.target_modules)
+
         sched = vllm_config.scheduler_config
         par = vllm_config.parallel_config
         default_sched = "vllm.v1.core.sched.scheduler.Scheduler"

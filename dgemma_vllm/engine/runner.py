@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dgemma_vllm.model.dgemma import StepInputs, softcap_of
+from dgemma_vllm.model.lora import adapter_dims, conform, k_eq_v_layers
 from dgemma_vllm.refine.device import to_device
 from dgemma_vllm.refine.filters import (LogitEdits, SamplingFilter, ban_sequences, build_edits,
                                         ends_bad_word, split_bad_words)
@@ -198,6 +199,7 @@ class DGemmaRunnerMixin:
         # the model forwards, the head with the per-row updates, and everything the runner does
         # from receiving the scheduler output to returning the sampled tokens
         self.dg_time = {"forward": 0.0, "head": 0.0, "runner": 0.0}
+        self.dg_lora_failed: dict[int, str] = {}  # this step: LoRA id -> why it did not load
         self.dg_t_enter = None
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step
         self.dg_last_commits = 0  # commits that ended their request, run as one row
@@ -312,11 +314,67 @@ class DGemmaRunnerMixin:
                     self.dg_finished.pop(next(iter(self.dg_finished)))
         return super()._update_states(scheduler_output)
 
+    # ------------------------------------------------------------------ LoRA
+    def load_lora_model(self, model, vllm_config, device):
+        """vLLM's (its LRU adapter cache and Punica wrapper), with every adapter checked and
+        completed for DiffusionGemma when it loads (model/lora.py: which modules, K = V layers,
+        encoder copies, shapes)."""
+        model = super().load_lora_model(model, vllm_config, device)
+        V.wrap_lora_loading(self.lora_manager, self._dg_conform_adapter)
+        return model
+
+    def _dg_conform_adapter(self, lora, lora_request) -> None:
+        mgr = V.lora_adapter_manager(self.lora_manager)
+        dims = adapter_dims(mgr.modules, mgr.packed_modules)
+        conform(lora.loras, dims, k_eq_v_layers(self.model_config.hf_config.text_config),
+                lora_request.lora_name,
+                lambda w, name: V.LoRALayerWeights(name, w.rank, w.lora_alpha, w.lora_a.clone(),
+                                                   w.lora_b.clone(), scaling=w.scaling))
+
+    def _dg_load_adapters(self) -> None:
+        """Load the batch's adapters not loaded yet, one by one, before vLLM activates them: an
+        adapter that fails to load (bad path, rank above --max-lora-rank, missing or misnamed
+        tensors) ends its requests with an error naming it; the others go on (vLLM would raise
+        inside the step and end the engine)."""
+        self.dg_lora_failed = {}
+        loaded = self.lora_manager.list_adapters()
+        for lora_id, req in V.lora_requests_of(self.input_batch).items():
+            if lora_id in loaded or lora_id in self.dg_lora_failed:
+                continue
+            try:
+                self.lora_manager.add_adapter(req)
+            except Exception as exc:  # noqa: BLE001 - this adapter's requests only
+                self.dg_lora_failed[lora_id] = (f"LoRA adapter {req.lora_name!r} could not be "
+                                                f"loaded: {exc}")
+        for row, req_id in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
+            why = self.dg_lora_failed.get(V.lora_id_of_row(self.input_batch, row))
+            if why is not None and req_id not in self.dg_failed:
+                self._dg_fail(req_id, "LoRA loading", RuntimeError(why))
+                self.dg_failed[req_id] = f"dgemma_vllm: {why}"
+
+    def set_active_loras(self, input_batch, num_scheduled_tokens, num_sampled_tokens=None,
+                         *args, **kwargs):
+        """vLLM's, with the rows of requests whose adapter failed to load run without one
+        (their output is dropped: they end with an error)."""
+        if not self.dg_lora_failed:
+            return super().set_active_loras(input_batch, num_scheduled_tokens, num_sampled_tokens,
+                                            *args, **kwargs)
+        if num_sampled_tokens is None:
+            num_sampled_tokens = np.ones_like(num_scheduled_tokens, dtype=np.int32)
+        prompt, token, reqs = input_batch.make_lora_inputs(num_scheduled_tokens, num_sampled_tokens)
+        bad = self.dg_lora_failed
+        prompt = tuple(0 if i in bad else i for i in prompt)
+        token = tuple(0 if i in bad else i for i in token)
+        reqs = {r for r in reqs if r.lora_int_id not in bad}
+        return self._set_active_loras(prompt, token, reqs, *args, **kwargs)
+
     # ------------------------------------------------------------------ inputs
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         num_reqs = self.input_batch.num_reqs
         spec = scheduler_output.scheduled_spec_decode_tokens
         self.dg_fused_ids = {}
+        if self.lora_config:
+            self._dg_load_adapters()
         # the step's decisions: a pure function of what each row's state says (engine/plan.py)
         plan = plan_step([self._dg_view(row, spec) for row in range(num_reqs)])
         applied = []

@@ -317,3 +317,50 @@ def is_engine_reasoner(cls) -> bool:
     from vllm.parser.engine.adapters import ParserEngineReasoningAdapter
 
     return isinstance(cls, type) and issubclass(cls, ParserEngineReasoningAdapter)
+
+
+# --- LoRA ---------------------------------------------------------------------------------
+# The model declares ``SupportsLoRA`` (model_executor/models/interfaces.py); vLLM's runner mixin
+# builds an ``LRUCacheWorkerLoRAManager`` in ``load_lora_model`` (v1/worker/
+# lora_model_runner_mixin.py:41) whose ``_adapter_manager`` (a ``LoRAModelManager``,
+# lora/model_manager.py) holds the wrapped modules (``.modules``: name -> layer with a
+# ``.base_layer``) and their packed constituents (``.packed_modules``: name -> adapter names).
+# ``WorkerLoRAManager._load_adapter(lora_request) -> LoRAModel`` (lora/worker_manager.py:90)
+# reads a PEFT directory (``LoRAModel.loras``: module name -> ``LoRALayerWeights``, names after
+# the model's ``hf_to_vllm_mapper.get_rename_mapper()``); ``add_adapter`` loads, packs and
+# activates it (:225). ``_prepare_inputs`` calls ``set_active_loras(input_batch,
+# num_scheduled_tokens, num_sampled_tokens)`` (gpu_model_runner.py:2239), which builds the per-token
+# mapping from ``input_batch.request_lora_mapping`` / ``lora_id_to_lora_request``
+# (gpu_input_batch.py:996) and calls ``_set_active_loras(prompt_map, token_map, requests)``, which
+# loads any adapter not loaded yet (an exception there would end the engine core).
+# ``FusedMoE`` reads ``get_current_vllm_config().lora_config`` once, when built
+# (fused_moe/layer.py:364), to choose the Triton MoE kernel.
+from vllm.model_executor.models.interfaces import SupportsLoRA  # noqa: F401,E402
+from vllm.lora.lora_weights import LoRALayerWeights  # noqa: F401,E402
+from vllm.config import get_current_vllm_config  # noqa: F401,E402
+
+
+def lora_adapter_manager(worker_lora_manager):
+    return worker_lora_manager._adapter_manager
+
+
+def wrap_lora_loading(worker_lora_manager, check) -> None:
+    """Run ``check(lora_model, lora_request)`` on every adapter the worker loads, before vLLM
+    packs and activates it (its exception is the load's exception)."""
+    load = worker_lora_manager._load_adapter
+
+    def checked(lora_request):
+        lora = load(lora_request)
+        check(lora, lora_request)
+        return lora
+
+    worker_lora_manager._load_adapter = checked
+
+
+def lora_requests_of(input_batch) -> dict[int, object]:
+    """LoRA id -> LoRARequest of the requests in the batch."""
+    return dict(input_batch.lora_id_to_lora_request)
+
+
+def lora_id_of_row(input_batch, row: int) -> int:
+    return int(input_batch.request_lora_mapping[row])

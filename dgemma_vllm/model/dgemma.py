@@ -17,14 +17,16 @@ self-conditioning soft embeddings (``[rows, hidden]``) through :meth:`set_step`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dgemma_vllm.engine import vllm_api as V
+from dgemma_vllm.model.lora import LORA_RENAMES
 
 logger = logging.getLogger("dgemma_vllm")
 
@@ -102,11 +104,42 @@ def _attention_layers(backend_cls=None, unclamped_mm_prefix: bool = False):
         g4.Attention = orig
 
 
-class DGemmaForBlockDiffusion(nn.Module):
+@dataclass
+class _Mapper(V.WeightsMapper):
+    """vLLM's mapper plus the renames LoRA name parsing needs where loading stacks: the
+    self-conditioning MLP's ``gate_proj`` / ``up_proj`` are named inside ``mlp`` (vLLM packs them
+    into ``gate_up_proj`` itself, from ``packed_modules_mapping``)."""
+
+    lora_renames: dict = field(default_factory=dict)
+
+    def get_rename_mapper(self):
+        m = super().get_rename_mapper()
+        return dataclasses.replace(m, orig_to_new_substr={**m.orig_to_new_substr,
+                                                          **self.lora_renames}, lora_renames={})
+
+
+@contextlib.contextmanager
+def _experts_without_lora(vllm_config):
+    """Build the MoE layers as if LoRA were off. vLLM 0.32 picks its Triton MoE kernel for every
+    FusedMoE when LoRA is on (fused_moe/oracle/unquantized.py), which the CPU build cannot run;
+    the routed experts never carry an adapter here (model/lora.py), so they keep the kernel they
+    would have without LoRA. Only FusedMoE reads ``lora_config`` while the backbone is built."""
+    configs = {id(c): c for c in (vllm_config, V.get_current_vllm_config())}
+    saved = [(c, c.lora_config) for c in configs.values() if c.lora_config is not None]
+    for c, _ in saved:
+        object.__setattr__(c, "lora_config", None)
+    try:
+        yield
+    finally:
+        for c, lora in saved:
+            object.__setattr__(c, "lora_config", lora)
+
+
+class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA):
     """vLLM model class for ``DiffusionGemmaForBlockDiffusion`` checkpoints."""
 
     # checkpoint name -> module name (applied in order, prefixes)
-    hf_to_vllm_mapper = V.WeightsMapper(
+    hf_to_vllm_mapper = _Mapper(
         orig_to_new_prefix={
             "model.decoder.self_conditioning.": "self_conditioning.",
             "model.decoder.": "model.",
@@ -118,7 +151,9 @@ class DGemmaForBlockDiffusion(nn.Module):
             "self_conditioning.gate_proj.": ("self_conditioning.mlp.gate_up_proj.", 0),
             "self_conditioning.up_proj.": ("self_conditioning.mlp.gate_up_proj.", 1),
         },
+        lora_renames={f"{k}.": f"{v}." for k, v in LORA_RENAMES.items()},
     )
+    embedding_modules: dict[str, str] = {}  # no adapter on the embedding (model/lora.py)
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
@@ -146,7 +181,8 @@ class DGemmaForBlockDiffusion(nn.Module):
             from dgemma_vllm.engine.attention import set_canvas_window
 
             set_canvas_window(opts["canvas_window"])
-        with _attention_layers(backend, unclamped_mm_prefix=not current_platform.is_cpu()):
+        with _attention_layers(backend, unclamped_mm_prefix=not current_platform.is_cpu()), \
+                _experts_without_lora(vllm_config):
             self.model = V.Gemma4Model(vllm_config=vllm_config,
                                        prefix=V.maybe_prefix(prefix, "model"))
         self.self_conditioning = SelfConditioning(config, quant_config,
@@ -163,6 +199,7 @@ class DGemmaForBlockDiffusion(nn.Module):
         self.register_buffer("encoder_layer_scalars", torch.ones(n), persistent=False)
         self.register_buffer("decoder_layer_scalars", torch.ones(n), persistent=False)
         self._step: StepInputs | None = None
+        self.lora_enabled = vllm_config.lora_config is not None
         self.sc_calls = 0  # self-conditioning MLP calls (one per forward with canvas rows)
 
     # ------------------------------------------------------------------ runner interface
@@ -185,8 +222,17 @@ class DGemmaForBlockDiffusion(nn.Module):
             soft = step.soft_embeds
             inputs_embeds = inputs_embeds.clone()
             self.sc_calls += 1
-            inputs_embeds[rows] = self.self_conditioning(
-                inputs_embeds[rows], None if soft is None else soft.to(inputs_embeds.dtype))
+            soft = None if soft is None else soft.to(inputs_embeds.dtype)
+            if self.lora_enabled and soft is not None:
+                # vLLM's LoRA layers map adapters per row of the whole batch (Punica's token
+                # mapping): the self-conditioning MLP then runs on every row, zeros where there is
+                # no canvas (MLP(pre_norm(0)) = 0 with or without an adapter), and keeps the
+                # canvas rows
+                full = inputs_embeds.new_zeros(n_tok, soft.shape[-1])
+                full[rows] = soft
+                inputs_embeds[rows] = self.self_conditioning(inputs_embeds, full)[rows]
+            else:
+                inputs_embeds[rows] = self.self_conditioning(inputs_embeds[rows], soft)
             is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=inputs_embeds.device)
             is_canvas[rows] = True
             scalars = [torch.where(is_canvas, dec[i], enc[i]) for i in range(len(enc))]
