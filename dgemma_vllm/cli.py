@@ -2,6 +2,7 @@
 
     dgemma-vllm demo [--geometry tiny] [--steps 8] ...     run the demo (see README)
     dgemma-vllm make-checkpoint OUT_DIR [--geometry ...]    write a random-weight checkpoint
+    dgemma-vllm make-adapter OUT_DIR --base CKPT [--rank 8] write a random LoRA adapter (PEFT layout)
     dgemma-vllm serve MODEL [vllm serve options ...]        `vllm serve` with the plugin
     dgemma-vllm bench [benchmarks/bench.py options ...]     side-by-side benchmark (see benchmarks/README.md)
     dgemma-vllm vllm ARGS ...                               vLLM's own CLI (e.g. `vllm bench serve`)
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         from dgemma_vllm.checkpoints.factory import main as ck_main
 
         ck_main(rest)
+    elif cmd == "make-adapter":
+        from dgemma_vllm.checkpoints.adapters import main as ad_main
+
+        ad_main(rest)
     elif cmd == "serve":
         serve(rest)
     elif cmd == "vllm":

@@ -364,3 +364,36 @@ def lora_requests_of(input_batch) -> dict[int, object]:
 
 def lora_id_of_row(input_batch, row: int) -> int:
     return int(input_batch.request_lora_mapping[row])
+
+
+# vLLM 0.32's CPU LoRA ops (lora/ops/torch_ops/lora_ops.py: bgmv_shrink / bgmv_expand /
+# bgmv_expand_slice, which the sgmv_* functions call by module-global name, and which
+# lora/punica_wrapper/punica_cpu.py imports for its decode path) pick each row's adapter with
+# ``weights[lora_indices]``: the index -1 ("no adapter") selects the LAST adapter slot, so in a
+# batch that mixes base-model requests with adapters, the base rows get whatever adapter sits in
+# slot max_loras - 1 (the Triton kernels skip -1). Rows without an adapter get zero input here,
+# hence a zero delta, and a valid index.
+def fix_cpu_lora_no_adapter_rows() -> None:
+    import torch
+
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    def masked(fn):
+        if getattr(fn, "_dgemma_masked", False):
+            return fn
+
+        def run(inputs, weights, output, indices, *args, **kwargs):
+            if indices.numel() == inputs.shape[0] and bool((indices < 0).any()):
+                keep = (indices >= 0).unsqueeze(-1)
+                inputs = torch.where(keep, inputs, torch.zeros((), dtype=inputs.dtype))
+                indices = indices.clamp(min=0)
+            return fn(inputs, weights, output, indices, *args, **kwargs)
+
+        run._dgemma_masked = True
+        return run
+
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        fixed = masked(getattr(lora_ops, name))
+        setattr(lora_ops, name, fixed)
+        setattr(punica_cpu, name, fixed)
