@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import requests
 from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS
 from dgemma_vllm.cli import serve_subprocess
+from test_lora import adapters as lora_adapters
 
 XARGS = {"diffusion_max_steps": 3}
 
@@ -24,9 +27,20 @@ def server(tiny_ckpt, tmp_path_factory):
     args = ["--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
             "--gpu-memory-utilization", "0.1", "--seed", "0",
             "--enable-auto-tool-choice", "--tool-call-parser", "gemma4",  # as users start it
-            "--reasoning-parser", "gemma4"]
-    with serve_subprocess(tiny_ckpt, args, log, timeout=240) as base:
-        yield base
+            "--reasoning-parser", "gemma4",
+            # LoRA as users start it: a static adapter, dynamic ones allowed (test_lora_*)
+            "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+            "--lora-modules", f"ad-a={lora_adapters(tiny_ckpt)['a']}"]
+    old = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # vLLM's switch for the endpoints
+    try:
+        with serve_subprocess(tiny_ckpt, args, log, timeout=240) as base:
+            yield base
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)
+        else:
+            os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = old
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +53,64 @@ def client(server):
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
     return ref.load_reference(str(tiny_ckpt))
+
+
+def test_lora_adapters_by_model_name_and_the_load_endpoints(server, client, tiny_ckpt, tmp_path):
+    """vLLM's LoRA surfaces through the OpenAI server: ``--lora-modules`` lists the adapter in
+    /v1/models and a request naming it is served with it (equal to peft-merged transformers);
+    /v1/load_lora_adapter adds one (served, listed), a bad one is a 400 naming the problem with
+    the server serving on, an unknown model name is a 404, /v1/unload_lora_adapter removes one."""
+    import json as _json
+
+    import openai
+    import requests
+
+    from test_lora import merged_reference
+
+    ads = lora_adapters(tiny_ckpt)
+    models = {m.id: m for m in client.models.list().data}
+    assert "ad-a" in models and models["ad-a"].parent == "tiny"
+
+    def tokens(name, seed):
+        r = client.completions.create(
+            model=name, prompt=[21, 22, 23, 24], max_tokens=40, seed=seed, logprobs=0,
+            extra_body={"vllm_xargs": XARGS, "return_tokens_as_token_ids": True})
+        return [int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens]
+
+    def want(adapter, seed):
+        return ref.expected_tokens(merged_reference(tiny_ckpt, adapter), [21, 22, 23, 24], seed,
+                                   40, EOS_IDS, max_denoising_steps=3)
+
+    assert tokens("ad-a", 31) == want(ads["a"], 31)
+    assert tokens("tiny", 31) == want(None, 31) != want(ads["a"], 31)
+    with pytest.raises(openai.NotFoundError, match="ad-b"):
+        tokens("ad-b", 31)
+    r = requests.post(f"{server}/v1/load_lora_adapter", timeout=120,
+                      json={"lora_name": "ad-b", "lora_path": str(ads["b"])})
+    assert r.status_code == 200, r.text
+    assert "ad-b" in {m.id for m in client.models.list().data}
+    assert tokens("ad-b", 32) == want(ads["b"], 32)
+    # a rank above --max-lora-rank 8, and a module the model takes no adapter for: 400, served on
+    big = tmp_path / "rank16"
+    shutil.copytree(ads["b"], big)
+    cfg = _json.loads((big / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(_json.dumps({**cfg, "r": 16}))
+    r = requests.post(f"{server}/v1/load_lora_adapter", timeout=120,
+                      json={"lora_name": "ad-big", "lora_path": str(big)})
+    assert r.status_code == 400 and "max_lora_rank" in r.text, r.text
+    from test_lora import _broken, _rename
+
+    router = _broken(ads["a"], tmp_path / "router",
+                     lambda t, c: _rename(t, "layers.0.self_attn.q_proj", "layers.0.router.proj"))
+    r = requests.post(f"{server}/v1/load_lora_adapter", timeout=120,
+                      json={"lora_name": "ad-router", "lora_path": str(router)})
+    assert r.status_code == 400 and "router.proj" in r.text, r.text
+    assert "ad-big" not in {m.id for m in client.models.list().data}
+    r = requests.post(f"{server}/v1/unload_lora_adapter", timeout=60, json={"lora_name": "ad-b"})
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError):
+        tokens("ad-b", 32)
+    assert tokens("ad-a", 33) == want(ads["a"], 33)  # the engine serves on, adapters intact
 
 
 def test_completion_equals_reference(client, model, tiny_ckpt):

@@ -114,12 +114,36 @@ def _check_sampling_params(llm, model):
     _same(got, want)
 
 
-def _run(tiny_ckpt, model, backend, sampling=False):
-    llm = start_llm(tiny_ckpt, tensor_parallel_size=2, distributed_executor_backend=backend)
+def _check_lora(llm, tiny_ckpt):
+    """Issue 19 over two ranks (each holds its shard of every adapter, vLLM's sharded LoRA
+    layers): two adapters and the base model in one batch equal peft-merged transformers."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from test_lora import adapters, merged_reference
+
+    ads = adapters(tiny_ckpt)
+    reqs = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(ads.items())}
+    which = ["a", None, "b", "a"]
+    params = [SamplingParams(max_tokens=40, seed=800 + i, extra_args={"diffusion_max_steps": 3})
+              for i in range(len(which))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                        lora_request=[reqs.get(w) for w in which], use_tqdm=False)
+    for p, sp, w, o in zip(PROMPTS, params, which, outs):
+        want = ref.expected_tokens(merged_reference(tiny_ckpt, ads.get(w)), p, sp.seed, 40,
+                                   EOS_IDS, max_denoising_steps=3)
+        assert list(o.outputs[0].token_ids) == want, w
+
+
+def _run(tiny_ckpt, model, backend, sampling=False, lora=False):
+    extra = dict(enable_lora=True, max_lora_rank=8, max_loras=2) if lora else {}
+    llm = start_llm(tiny_ckpt, tensor_parallel_size=2, distributed_executor_backend=backend, **extra)
     try:
         _generate_and_check(llm, model)
         if sampling:
             _check_sampling_params(llm, model)
+        if lora:
+            _check_lora(llm, tiny_ckpt)
     finally:
         stop_llm(llm)
 
@@ -128,7 +152,7 @@ def test_two_ranks_equal_reference(tiny_ckpt, model):
     # two ranks on one NUMA node: bind one core each by hand (vLLM's auto binding wants a node
     # per rank), and keep no core in reserve
     with _env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
-        _run(tiny_ckpt, model, "mp", sampling=True)
+        _run(tiny_ckpt, model, "mp", sampling=True, lora=True)
 
 
 def test_two_ranks_under_ray_equal_reference(tiny_ckpt, model):

@@ -29,6 +29,9 @@ def register() -> None:
         from . import tool_parser
 
         tool_parser.install()  # --tool-call-parser gemma4 enforces required / named tools
+        from . import lora_endpoints
+
+        lora_endpoints.install()  # a bad adapter on /v1/load_lora_adapter is a 400
     try:
         from vllm.platforms import current_platform
 

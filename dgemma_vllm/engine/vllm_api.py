@@ -397,3 +397,13 @@ def fix_cpu_lora_no_adapter_rows() -> None:
         fixed = masked(getattr(lora_ops, name))
         setattr(lora_ops, name, fixed)
         setattr(punica_cpu, name, fixed)
+
+
+def lora_serving_models_class():
+    """``OpenAIServingModels`` (entrypoints/openai/models/serving.py): its ``load_lora_adapter
+    (request, base_model_name=None)`` returns an ``ErrorResponse`` (``.error.code``,
+    ``.error.message``, ``.error.type``) with code 500 for any failure of
+    ``engine_client.add_lora`` other than a missing adapter (404)."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    return OpenAIServingModels
