@@ -205,3 +205,40 @@ def test_target_modules_default_and_refusal():
     assert L.check_target_modules(["q_proj", "o_proj"]) == ["q_proj", "o_proj"]
     with pytest.raises(ValueError, match="'experts'"):
         L.check_target_modules(["q_proj", "experts"])
+
+
+def test_grouped_cpu_lora_ops_equal_vllms_and_skip_rows_without_an_adapter():
+    """dgemma_vllm/model/lora_ops.py against vLLM's CPU ops: equal on rows with an adapter,
+    zero delta on rows with index -1 (where vLLM's pick the last slot's adapter)."""
+    from dgemma_vllm.engine import vllm_api as V
+    from dgemma_vllm.model import lora_ops as G
+
+    shrink, expand, expand_slice = V.vllm_cpu_lora_ops()
+    g = torch.Generator().manual_seed(0)
+    slots, rank, n_in, n_out, rows = 3, 4, 24, 40, 11
+    idx = torch.tensor([0, 2, -1, 1, 1, -1, 0, 2, 2, -1, 0])
+    has = (idx >= 0).unsqueeze(1)
+    x = torch.randn(rows, n_in, generator=g)
+    a = torch.randn(slots, 1, rank, n_in, generator=g)
+    b = torch.randn(slots, 1, n_out, rank, generator=g)
+    for ids in (idx, torch.full((rows,), 2)):
+        keep = (ids >= 0).unsqueeze(1)
+        y_v, y_g = torch.zeros(rows, rank), torch.zeros(rows, rank)
+        shrink(x, a, y_v, ids, 0.5)
+        G.bgmv_shrink(x, a, y_g, ids, 0.5)
+        torch.testing.assert_close(y_g, torch.where(keep, y_v, 0.0), rtol=1e-5, atol=1e-5)
+        base = torch.randn(rows, n_out + 8, generator=g)
+        o_v, o_g = base.clone(), base.clone()
+        expand(y_g, b, o_v, ids, True)
+        G.bgmv_expand(y_g, b, o_g, ids, True)
+        torch.testing.assert_close(o_g, torch.where(keep, o_v, base), rtol=1e-5, atol=1e-5)
+        o_v, o_g = base.clone(), base.clone()
+        expand_slice(y_g, b, o_v, ids, 4, n_out, False)
+        G.bgmv_expand_slice(y_g, b, o_g, ids, 4, n_out, False)
+        torch.testing.assert_close(o_g[:, 4:4 + n_out][keep.squeeze(1)],
+                                   o_v[:, 4:4 + n_out][keep.squeeze(1)], rtol=1e-5, atol=1e-5)
+        assert not o_g[:, 4:4 + n_out][~keep.squeeze(1)].any()
+    # vLLM's own ops give a row without an adapter the last slot's delta (the bug worked around)
+    y_v = torch.zeros(rows, rank)
+    shrink(x, a, y_v, idx, 1.0)
+    assert y_v[~has.squeeze(1)].abs().sum() > 0

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
+
+from dgemma_vllm.checkpoints.factory import build_once
 
 TARGET_SETS = {
     "all": r"(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)|"
@@ -62,14 +63,7 @@ def cached_adapter(base, name: str = "a", root=None, **kwargs) -> Path:
     out = root / "adapters" / key.replace("/", "_")
     if (out / "adapter_model.safetensors").exists():
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_adapter(tmp, base, **kwargs)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(out, lambda tmp: make_adapter(tmp, base, **kwargs))
 
 
 def main(argv: list[str] | None = None) -> None:

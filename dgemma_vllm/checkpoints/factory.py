@@ -503,14 +503,19 @@ def cached_checkpoint(geometry: str = "tiny", kind: str = "diffusion", root: str
     out = root / "checkpoints" / key
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
+    if kind == "diffusion":
+        return build_once(out, lambda tmp: make_diffusion_checkpoint(tmp, geometry, **kwargs))
+    if kind == "autoregressive":
+        return build_once(out, lambda tmp: make_autoregressive_checkpoint(tmp, geometry, **kwargs))
+    raise ValueError(f"kind must be 'diffusion' or 'autoregressive', got {kind!r}")
+
+
+def build_once(out: Path, build) -> Path:
+    """Write with `build(tmp_dir)` into a temporary sibling of `out`, then move it in place (a
+    concurrent builder that moved first wins; its copy is kept)."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if kind == "diffusion":
-        make_diffusion_checkpoint(tmp, geometry, **kwargs)
-    elif kind == "autoregressive":
-        make_autoregressive_checkpoint(tmp, geometry, **kwargs)
-    else:
-        raise ValueError(f"kind must be 'diffusion' or 'autoregressive', got {kind!r}")
+    build(tmp)
     try:
         tmp.rename(out)
     except OSError:  # another process won the race

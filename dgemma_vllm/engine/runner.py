@@ -319,8 +319,8 @@ class DGemmaRunnerMixin:
         """vLLM's (its LRU adapter cache and Punica wrapper), with every adapter checked and
         completed for DiffusionGemma when it loads (model/lora.py: which modules, K = V layers,
         encoder copies, shapes)."""
-        if self.dg_cpu:
-            V.fix_cpu_lora_no_adapter_rows()  # vLLM's CPU ops give base rows the last slot's adapter
+        if self.dg_cpu:  # vLLM's CPU ops: a per-row copy of the adapters, and -1 picks the last one
+            V.use_grouped_cpu_lora_ops()
         model = super().load_lora_model(model, vllm_config, device)
         V.wrap_lora_loading(self.lora_manager, self._dg_conform_adapter)
         return model

@@ -369,34 +369,30 @@ def lora_id_of_row(input_batch, row: int) -> int:
 # vLLM 0.32's CPU LoRA ops (lora/ops/torch_ops/lora_ops.py: bgmv_shrink / bgmv_expand /
 # bgmv_expand_slice, which the sgmv_* functions call by module-global name, and which
 # lora/punica_wrapper/punica_cpu.py imports for its decode path) pick each row's adapter with
-# ``weights[lora_indices]``: the index -1 ("no adapter") selects the LAST adapter slot, so in a
-# batch that mixes base-model requests with adapters, the base rows get whatever adapter sits in
-# slot max_loras - 1 (the Triton kernels skip -1). Rows without an adapter get zero input here,
-# hence a zero delta, and a valid index.
-def fix_cpu_lora_no_adapter_rows() -> None:
-    import torch
-
+# ``weights[lora_indices]``: a per-row copy of the adapter matrices (slow, one core), and the
+# index -1 ("no adapter") selects the LAST adapter slot, so in a batch that mixes base-model
+# requests with adapters the base rows get whatever adapter sits in slot max_loras - 1 (the
+# Triton kernels skip -1). The plugin replaces the three with grouped GEMMs of the same
+# signatures (dgemma_vllm/model/lora_ops.py), rows without an adapter getting no delta.
+def use_grouped_cpu_lora_ops() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    def masked(fn):
-        if getattr(fn, "_dgemma_masked", False):
-            return fn
-
-        def run(inputs, weights, output, indices, *args, **kwargs):
-            if indices.numel() == inputs.shape[0] and bool((indices < 0).any()):
-                keep = (indices >= 0).unsqueeze(-1)
-                inputs = torch.where(keep, inputs, torch.zeros((), dtype=inputs.dtype))
-                indices = indices.clamp(min=0)
-            return fn(inputs, weights, output, indices, *args, **kwargs)
-
-        run._dgemma_masked = True
-        return run
+    from dgemma_vllm.model import lora_ops as grouped
 
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
-        fixed = masked(getattr(lora_ops, name))
-        setattr(lora_ops, name, fixed)
-        setattr(punica_cpu, name, fixed)
+        setattr(lora_ops, name, getattr(grouped, name))
+        setattr(punica_cpu, name, getattr(grouped, name))
+
+
+def vllm_cpu_lora_ops():
+    """vLLM's own (bgmv_shrink, bgmv_expand, bgmv_expand_slice), for the tests (in a process
+    where use_grouped_cpu_lora_ops has not run: it runs in the workers)."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    fns = (lora_ops.bgmv_shrink, lora_ops.bgmv_expand, lora_ops.bgmv_expand_slice)
+    assert all(f.__module__ == lora_ops.__name__ for f in fns), "replaced in this process"
+    return fns
 
 
 def lora_serving_models_class():
