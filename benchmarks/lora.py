@@ -81,8 +81,10 @@ def _machine() -> str:
 
 
 def _run(cfg: dict) -> dict:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # both cores for the model, as bench.py
     p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
-                       capture_output=True, text=True, env=dict(os.environ))
+                       capture_output=True, text=True, env=env)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if not line:
         print(p.stdout[-3000:], p.stderr[-3000:])
