@@ -17,10 +17,9 @@ PEFT's init (B = 0, a no-op adapter), so that each adapter visibly changes the o
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from dgemma_vllm.checkpoints.factory import build_once
+from dgemma_vllm.checkpoints.factory import build_once, cache_root
 
 TARGET_SETS = {
     "all": r"(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)|"
@@ -58,7 +57,7 @@ def make_adapter(out_dir, base, *, rank: int = 8, alpha: float = 16, seed: int =
 
 def cached_adapter(base, name: str = "a", root=None, **kwargs) -> Path:
     """Build an adapter for `base` once and reuse it (keyed by base, name and arguments)."""
-    root = Path(root or os.environ.get("DGEMMA_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
+    root = cache_root(root)
     key = "-".join([Path(base).name, name] + [f"{k}={v}" for k, v in sorted(kwargs.items())])
     out = root / "adapters" / key.replace("/", "_")
     if (out / "adapter_model.safetensors").exists():

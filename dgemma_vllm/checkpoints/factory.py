@@ -496,7 +496,7 @@ FACTORY_VERSION = 2
 def cached_checkpoint(geometry: str = "tiny", kind: str = "diffusion", root: str | os.PathLike | None = None,
                       **kwargs) -> Path:
     """Build a checkpoint once and reuse it (keyed by geometry, kind and arguments)."""
-    root = Path(root or os.environ.get("DGEMMA_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
+    root = cache_root(root)
     # FACTORY_VERSION: bumped whenever what the factory writes changes (stale caches are not reused)
     key = "-".join([f"v{FACTORY_VERSION}", kind, geometry]
                    + [f"{k}={v}" for k, v in sorted(kwargs.items())]).replace("/", "_")
@@ -508,6 +508,11 @@ def cached_checkpoint(geometry: str = "tiny", kind: str = "diffusion", root: str
     if kind == "autoregressive":
         return build_once(out, lambda tmp: make_autoregressive_checkpoint(tmp, geometry, **kwargs))
     raise ValueError(f"kind must be 'diffusion' or 'autoregressive', got {kind!r}")
+
+
+def cache_root(root: str | os.PathLike | None = None) -> Path:
+    """Where cached checkpoints and adapters live: `root`, else $DGEMMA_CACHE, else .cache/."""
+    return Path(root or os.environ.get("DGEMMA_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
 
 
 def build_once(out: Path, build) -> Path:

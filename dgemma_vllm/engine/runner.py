@@ -280,12 +280,14 @@ class DGemmaRunnerMixin:
             self.dg_states[req_id] = st
         return st
 
-    def _dg_fail(self, req_id: str, where: str, exc: BaseException) -> None:
+    def _dg_fail(self, req_id: str, where: str, exc: BaseException,
+                 message: str | None = None) -> None:
         """One request's canvas bookkeeping raised: drop its state and report it, so that the
-        scheduler ends that request with an error while the others go on."""
+        scheduler ends that request with an error while the others go on (`message`: what it
+        is ended with, instead of an internal error in `where`)."""
         logger.error("dgemma_vllm: request %s failed in %s and is ended with an error: %r",
                      req_id, where, exc, exc_info=exc)
-        self.dg_failed[req_id] = f"dgemma_vllm: internal error in {where}: {exc!r}"
+        self.dg_failed[req_id] = message or f"dgemma_vllm: internal error in {where}: {exc!r}"
         st = self.dg_states.pop(req_id, None)
         if st is not None:
             self.dg_finished[req_id] = st.stats()
@@ -341,7 +343,7 @@ class DGemmaRunnerMixin:
         self.dg_lora_failed = {}
         loaded = self.lora_manager.list_adapters()
         for lora_id, req in V.lora_requests_of(self.input_batch).items():
-            if lora_id in loaded or lora_id in self.dg_lora_failed:
+            if lora_id in loaded:
                 continue
             try:
                 self.lora_manager.add_adapter(req)
@@ -351,8 +353,7 @@ class DGemmaRunnerMixin:
         for row, req_id in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
             why = self.dg_lora_failed.get(V.lora_id_of_row(self.input_batch, row))
             if why is not None and req_id not in self.dg_failed:
-                self._dg_fail(req_id, "LoRA loading", RuntimeError(why))
-                self.dg_failed[req_id] = f"dgemma_vllm: {why}"
+                self._dg_fail(req_id, "LoRA loading", RuntimeError(why), f"dgemma_vllm: {why}")
 
     def set_active_loras(self, input_batch, num_scheduled_tokens, num_sampled_tokens=None,
                          *args, **kwargs):

@@ -31,12 +31,12 @@ VLLM_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") + TARGETS
 PEFT_TARGET_REGEX = (r"model\.decoder\.(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|"
                      r"mlp\.(gate|up|down)_proj)|self_conditioning\.(gate|up|down)_proj)")
 
-# HF adapter names -> the model's module names (LoRA name parsing uses renames only: packed
-# modules keep their constituents' names, vLLM packs them itself)
+# HF adapter names -> the model's module names, beyond the weights mapper's renames (LoRA name
+# parsing uses renames only: the self-conditioning gate / up projections, which weight loading
+# stacks into gate_up_proj, keep their own names; vLLM packs their adapters itself)
 LORA_RENAMES = {
     "self_conditioning.gate_proj": "self_conditioning.mlp.gate_proj",
     "self_conditioning.up_proj": "self_conditioning.mlp.up_proj",
-    "self_conditioning.down_proj": "self_conditioning.mlp.down_proj",
 }
 
 _ENCODER = "model.encoder.language_model."
