@@ -182,6 +182,19 @@ def gpu_config_checks(vllm_config) -> None:
                          "micro-batches drop the canvas rows' per-request causal flags")
 
 
+def pipeline_checks(par, hf) -> None:
+    """Pipeline stages: the canvas state and head live on the last stage, which hands the plan,
+    the canvas ids and the self-conditioning input to the others every step (runner
+    ``_dg_pp_exchange``). Denoising steps grouped inside one engine step re-run the forward from
+    the last stage's runner, which a pipeline cannot: refused."""
+    pp = int(getattr(par, "pipeline_parallel_size", 1) or 1)
+    steps = getattr(hf, "dgemma_steps_per_engine_step", OPTION_DEFAULTS["dgemma_steps_per_engine_step"])
+    if pp > 1 and steps != 1:
+        raise ValueError(f"dgemma_vllm: dgemma_steps_per_engine_step={steps} needs "
+                         f"pipeline_parallel_size=1 (got {pp}): grouped denoising steps re-run the "
+                         "forward from the last stage; use 1 with pipeline parallelism")
+
+
 class DGemmaConfigHook(V.VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -252,8 +265,9 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
             if int(getattr(par, name, 1) or 1) > 1:
                 raise ValueError(f"dgemma_vllm does not support {name}={getattr(par, name)} (context "
                                  "parallelism splits the canvas' attention sequences); use 1")
-        unknown = V.unknown_attention_metadata_fields()
         hf = vllm_config.model_config.hf_config
+        pipeline_checks(par, hf)
+        unknown = V.unknown_attention_metadata_fields()
         if unknown and getattr(hf, "dgemma_fuse_commit", True):
             logger.warning("dgemma_vllm: this vLLM's attention metadata has fields the fused-commit "
                            "split does not know (%s): dgemma_fuse_commit is turned off", unknown)

@@ -212,6 +212,8 @@ class DGemmaRunnerMixin:
         self.dg_fused_ids: dict[str, torch.Tensor] = {}  # committed ids of this step's fused rows
         # logprobs of canvases ready to commit (requests that ask for them), until returned
         self.dg_logprobs: dict = {}
+        # pipeline stages: output tokens of each request already handed to the other stages
+        self.dg_mirrored: dict[str, int] = {}
         # (reasoning_ended, parser kwargs) of new constrained requests under a reasoning parser,
         # from the scheduler (DGemmaScheduler._reasoning_of_new), until their state is built
         self.dg_reasoning_in: dict = {}
@@ -310,6 +312,7 @@ class DGemmaRunnerMixin:
             self.dg_reasoning_in.pop(req_id, None)
             st = self.dg_states.pop(req_id, None)
             self.dg_logprobs.pop(req_id, None)
+            self.dg_mirrored.pop(req_id, None)
             if st is not None:
                 self.dg_finished[req_id] = st.stats()
                 while len(self.dg_finished) > 4096:
@@ -378,38 +381,102 @@ class DGemmaRunnerMixin:
         self.dg_fused_ids = {}
         if self.lora_config:
             self._dg_load_adapters()
-        # the step's decisions: a pure function of what each row's state says (engine/plan.py)
-        plan = plan_step([self._dg_view(row, spec) for row in range(num_reqs)])
-        applied = []
-        for row, rp in enumerate(plan.rows):
-            if rp.mode not in (PREFILL, IDLE):
-                try:
-                    self._dg_apply(row, rp)
-                except Exception as exc:  # noqa: BLE001 - one request's fault must not end the engine
-                    self._dg_fail(rp.req_id, "step planning", exc)
-                    rp = RowPlan(rp.req_id, IDLE, len(spec.get(rp.req_id) or ()))
-            applied.append(rp)
-        plan = StepPlan(tuple(applied))
+        stages, _, owner = V.pp_ranks()
+        softs, written = [], {}  # (soft embeddings or None on a first step, n) per canvas; row -> ids
+        if owner:  # the stage that holds the canvas states (the last; the only one without PP)
+            plan, written = self._dg_plan(num_reqs, spec)
+            softs = [(self.dg_states[req_id].soft, n) for req_id, _, _, n in plan.canvas_entries()]
+        else:
+            plan = plan_step([RowView(self.input_batch.req_ids[row], 0) for row in range(num_reqs)])
+        hidden = self.model_config.hf_config.text_config.hidden_size
+        soft = assemble_soft(softs, hidden, self.device) if owner else None
+        if stages > 1 and spec:  # every stage knows from the scheduler output whether to meet
+            plan, soft = self._dg_pp_exchange(plan, written, soft, owner)
         logits_indices, spec_md, max_n = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         qsl = self.query_start_loc.np[: num_reqs + 1]
-        rows, softs = [], []  # softs: (soft embeddings or None on a canvas's first step, n)
-        for req_id, row, _, n in plan.canvas_entries():
+        rows = []
+        for _, row, _, n in plan.canvas_entries():
             first = qsl[row] + plan.rows[row].committed  # a fused canvas follows its committed rows
             rows.append(np.arange(first, first + n))
-            softs.append((self.dg_states[req_id].soft, n))
         device = logits_indices.device
         if rows:
             canvas_rows = to_device(torch.from_numpy(np.concatenate(rows)), device)
         else:
             canvas_rows = torch.zeros(0, dtype=torch.int64, device=device)
-        soft = assemble_soft(softs, self.model_config.hf_config.text_config.hidden_size, device)
         self._dg_model().set_step(StepInputs(canvas_rows=canvas_rows, soft_embeds=soft))
-        self.dg_step = plan  # read by _build_attention_metadata, _model_forward and _sample
+        self.dg_step = plan if owner else None  # read by _build_attention_metadata, _model_forward, _sample
         self.dg_attn_plan = plan if plan.needs_attention_flags else None  # consumed once
         self.dg_canvas_rows = canvas_rows
         self.dg_applied = False
         self.dg_t0 = time.perf_counter()
         return canvas_rows, None, max_n
+
+    def sync_and_gather_intermediate_tensors(self, num_tokens, intermediate_tensors, sync_self):
+        """vLLM's, with its persistent buffer made on first use as its dummy run makes it (the
+        CPU runner makes no dummy run before the first step, and asserts the buffer)."""
+        if self.intermediate_tensors is None:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+        return super().sync_and_gather_intermediate_tensors(num_tokens, intermediate_tensors,
+                                                            sync_self)
+
+    def _dg_plan(self, num_reqs: int, spec) -> tuple[StepPlan, dict[int, torch.Tensor]]:
+        """The step's plan (a pure function of what each row's state says, engine/plan.py),
+        carried out: canvases committed and started, and the ids written where the scheduler's
+        placeholder drafts are (returned too: row -> ids)."""
+        plan = plan_step([self._dg_view(row, spec) for row in range(num_reqs)])
+        applied, written = [], {}
+        for row, rp in enumerate(plan.rows):
+            if rp.mode not in (PREFILL, IDLE):
+                try:
+                    written[row] = self._dg_apply(row, rp)
+                except Exception as exc:  # noqa: BLE001 - one request's fault must not end the engine
+                    self._dg_fail(rp.req_id, "step planning", exc)
+                    rp = RowPlan(rp.req_id, IDLE, len(spec.get(rp.req_id) or ()))
+            applied.append(rp)
+        return StepPlan(tuple(applied)), written
+
+    def _dg_pp_exchange(self, plan, written, soft, owner):
+        """Pipeline stages: the last stage (the owner of the canvas states) hands every other
+        stage the step's plan (attention flags, canvas rows), the ids it wrote where the drafts
+        are (the first stage embeds them), the self-conditioning input (the first stage adds it)
+        and each row's committed tokens the others have not seen: they reach no other stage
+        through vLLM (they are written where drafts were, never scheduled as tokens), and vLLM
+        rebuilds a row from its request's output tokens when it re-enters the batch. The other
+        stages mirror them and write the ids at the owner's position. Returns (plan, soft)."""
+        ib = self.input_batch
+        if owner:
+            rows = []
+            for row, ids in written.items():
+                req_id = ib.req_ids[row]
+                out = self.requests[req_id].output_token_ids
+                seen = self.dg_mirrored.get(req_id, 0)
+                self.dg_mirrored[req_id] = len(out)
+                rows.append((row, int(ids.numel()), int(ib.num_tokens_no_spec[row]),
+                             list(out[seen:])))
+            payload = {"plan": plan, "rows": rows,
+                       "ids": torch.cat([written[r[0]] for r in rows]).to(torch.int64)
+                       if rows else torch.zeros(0, dtype=torch.int64)}
+            if soft is not None:
+                payload["soft"] = soft
+            V.pp_broadcast_from_last(payload)
+            return plan, soft
+        got = V.pp_broadcast_from_last(None)
+        ids = got["ids"].numpy()
+        at = 0
+        for row, n, start, tail in got["rows"]:
+            out = self.requests[ib.req_ids[row]].output_token_ids
+            if tail:
+                old = len(out)
+                out.extend(tail)
+                p = int(ib.num_prompt_tokens[row])
+                ib.token_ids_cpu[row, p + old:p + len(out)] = tail
+                ib.is_token_ids[row, p + old:p + len(out)] = True
+            ib.token_ids_cpu[row, start:start + n] = ids[at:at + n]
+            ib.is_token_ids[row, start:start + n] = True
+            ib.num_tokens_no_spec[row] = start
+            at += n
+        return got["plan"], got.get("soft")
 
     def _dg_view(self, row: int, spec) -> RowView:
         """What the plan needs to know of one row (its request's canvas state, the room left)."""
@@ -436,7 +503,7 @@ class DGemmaRunnerMixin:
 
     def _dg_apply(self, row: int, rp: RowPlan) -> None:
         """Carry out one row's plan: commit and start canvases, write the canvas ids where the
-        scheduler's placeholder drafts are."""
+        scheduler's placeholder drafts are (and return them)."""
         st = self.dg_states[rp.req_id]
         start = int(self.input_batch.num_tokens_no_spec[row])
         if rp.mode == FUSED:
@@ -464,6 +531,7 @@ class DGemmaRunnerMixin:
                 st.edits = self._dg_edits(rp.req_id)
             ids = st.canvas[0]
         self.input_batch.token_ids_cpu[row, start:start + ids.numel()] = ids.numpy()
+        return ids
 
     def _dg_edits(self, req_id: str, committing: list[int] = ()):
         """The logit edits of a request's next canvas (refine/filters.py) from its sampling

@@ -52,6 +52,9 @@ class DGemmaScheduler(V.Scheduler):
             if req.is_finished():
                 continue
             pending = req.num_tokens - req.num_computed_tokens
+            if pending < 0:  # its canvas step is still in flight (pipeline stages: a batch queue)
+                req.spec_token_ids = []
+                continue
             if pending > 0:  # still prefilling (or recomputing after preemption)
                 budget -= pending
                 req.spec_token_ids = []

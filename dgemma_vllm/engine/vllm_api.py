@@ -403,3 +403,64 @@ def lora_serving_models_class():
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
     return OpenAIServingModels
+
+
+# --- pipeline parallelism -------------------------------------------------------------------
+# The model declares ``SupportsPP`` (model_executor/models/interfaces.py); vLLM's Gemma4Model
+# already splits its layers over the stages (``make_layers`` -> PPMissingLayer elsewhere), keeps
+# ``embed_tokens`` on every stage, returns ``IntermediateTensors`` on all but the last and provides
+# ``make_empty_intermediate_tensors``. The plugin's canvas state and head live on the last stage
+# (where vLLM samples); each step it broadcasts the step plan, the canvas ids and the
+# self-conditioning input over the pipeline group (``GroupCoordinator.broadcast_tensor_dict``).
+# vLLM's worker receives a stage's intermediate tensors *before* the runner prepares the step
+# (v1/worker/gpu_worker.py:1313, ``irecv_tensor_dict`` whose metadata ``recv_object`` blocks),
+# which would wait on a first stage that waits for the plan: ``deferred_pp_receive`` makes that
+# receive lazy (``AsyncIntermediateTensors`` runs its post-processing on the first ``.tensors``
+# access, which vLLM's runner makes in ``_preprocess``, after ``_prepare_inputs`` and the
+# attention metadata, gpu_model_runner.py:3412).
+from vllm.distributed import get_pp_group  # noqa: F401,E402
+from vllm.model_executor.models.interfaces import SupportsPP  # noqa: F401,E402
+
+
+def pp_ranks() -> tuple[int, bool, bool]:
+    """(pipeline stages, is first stage, is last stage) of this process."""
+    g = get_pp_group()
+    return g.world_size, g.is_first_rank, g.is_last_rank
+
+
+def pp_broadcast_from_last(payload: dict | None) -> dict:
+    """The last stage's `payload` (tensors and picklable values) on every stage of the pipeline
+    group (the other stages pass None)."""
+    g = get_pp_group()
+    return g.broadcast_tensor_dict(payload, src=g.world_size - 1)
+
+
+import contextlib as _contextlib  # noqa: E402
+
+
+@_contextlib.contextmanager
+def deferred_pp_receive():
+    """Within: the pipeline group's ``irecv_tensor_dict`` returns an empty dict whose contents
+    are received when vLLM first reads the tensors (the post-processing hook of
+    ``AsyncIntermediateTensors``), instead of blocking at once."""
+    g = get_pp_group()
+    real = g.irecv_tensor_dict
+
+    def lazy(*args, **kwargs):
+        tensors: dict = {}
+
+        def receive():
+            got, handles, post = real(*args, **kwargs)
+            for h in handles:
+                h.wait()
+            for fn in post:
+                fn()
+            tensors.update(got or {})
+
+        return tensors, [], [receive]
+
+    g.irecv_tensor_dict = lazy
+    try:
+        yield
+    finally:
+        del g.irecv_tensor_dict  # back to the class method

@@ -24,6 +24,18 @@ def _runner_class(base):
     return DGemmaModelRunner
 
 
+class _StageMixin:
+    """Pipeline stages after the first take their intermediate tensors only once the step's plan
+    has arrived from the last stage (vllm_api.deferred_pp_receive; runner._dg_pp_exchange)."""
+
+    def execute_model(self, scheduler_output):
+        stages, first, _ = V.pp_ranks()
+        if stages == 1 or first:
+            return super().execute_model(scheduler_output)
+        with V.deferred_pp_receive():
+            return super().execute_model(scheduler_output)
+
+
 # Platform-gated: importing vLLM's CPU worker replaces torch.cuda.Event / Stream,
 # torch.accelerator.get_memory_info (host RAM) and more (v1/worker/cpu/shm.py, imported by
 # cpu_worker.py; the CUDA wheel ships it too), which would break a GPU worker's memory profile
@@ -33,7 +45,7 @@ if current_platform.is_cpu():
     _CPUWorker, _CPUModelRunner = V.cpu_worker_classes()
     DGemmaCPUModelRunner = _runner_class(_CPUModelRunner)
 
-    class DGemmaCPUWorker(_CPUWorker):
+    class DGemmaCPUWorker(_StageMixin, _CPUWorker):
         def dgemma_request_stats(self) -> dict:
             return self.model_runner.dg_request_stats()
 
@@ -47,7 +59,7 @@ if current_platform.is_cpu():
 else:
     _Worker, _GPUModelRunner = V.gpu_worker_classes()
 
-    class DGemmaGPUWorker(_Worker):
+    class DGemmaGPUWorker(_StageMixin, _Worker):
         def dgemma_request_stats(self) -> dict:
             return self.model_runner.dg_request_stats()
 

@@ -135,7 +135,7 @@ def _experts_without_lora(vllm_config):
             object.__setattr__(c, "lora_config", lora)
 
 
-class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA):
+class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
     """vLLM model class for ``DiffusionGemmaForBlockDiffusion`` checkpoints."""
 
     # checkpoint name -> module name (applied in order, prefixes)
@@ -199,6 +199,10 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA):
         self.register_buffer("encoder_layer_scalars", torch.ones(n), persistent=False)
         self.register_buffer("decoder_layer_scalars", torch.ones(n), persistent=False)
         self._step: StepInputs | None = None
+        # pipeline stages: vLLM's Gemma4Model holds this stage's layers (PPMissingLayer for the
+        # others) and embed_tokens on every stage; only the first embeds and self-conditions
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self.dtype = vllm_config.model_config.dtype
         self.lora_enabled = vllm_config.lora_config is not None
         self.sc_calls = 0  # self-conditioning MLP calls (one per forward with canvas rows)
 
@@ -212,36 +216,43 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
         step, self._step = self._step, None
-        if inputs_embeds is None:
+        _, first, _ = V.pp_ranks()
+        if first and inputs_embeds is None:
             inputs_embeds = self.model.embed_input_ids(input_ids)
-        n_tok = inputs_embeds.shape[0]
-        enc = self.encoder_layer_scalars.to(inputs_embeds.dtype)
-        dec = self.decoder_layer_scalars.to(inputs_embeds.dtype)
+        n_tok = positions.shape[-1]
+        device = positions.device
+        enc = self.encoder_layer_scalars.to(self.dtype)
+        dec = self.decoder_layer_scalars.to(self.dtype)
         if step is not None and step.canvas_rows.numel() > 0:
             rows = step.canvas_rows
-            soft = step.soft_embeds
-            inputs_embeds = inputs_embeds.clone()
-            self.sc_calls += 1
-            soft = None if soft is None else soft.to(inputs_embeds.dtype)
-            if self.lora_enabled and soft is not None:
-                # vLLM's LoRA layers map adapters per row of the whole batch (Punica's token
-                # mapping): the self-conditioning MLP then runs on every row, zeros where there is
-                # no canvas (MLP(pre_norm(0)) = 0 with or without an adapter), and keeps the
-                # canvas rows
-                full = inputs_embeds.new_zeros(n_tok, soft.shape[-1])
-                full[rows] = soft
-                inputs_embeds[rows] = self.self_conditioning(inputs_embeds, full)[rows]
-            else:
-                inputs_embeds[rows] = self.self_conditioning(inputs_embeds[rows], soft)
-            is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=inputs_embeds.device)
+            if first:  # the self-conditioning MLP adds to the canvas rows' input embeddings
+                inputs_embeds = self._self_condition(inputs_embeds, rows, step.soft_embeds)
+            is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=device)
             is_canvas[rows] = True
             scalars = [torch.where(is_canvas, dec[i], enc[i]) for i in range(len(enc))]
         else:
             scalars = [enc[i].view(1) for i in range(len(enc))]
         for i, layer in enumerate(self.model.layers):
-            if hasattr(layer, "layer_scalar"):
+            if hasattr(layer, "layer_scalar"):  # this stage's layers (PPMissingLayer elsewhere)
                 layer.layer_scalar = scalars[i]
-        return self.model(None, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        return self.model(None, positions, intermediate_tensors,
+                          inputs_embeds=inputs_embeds if first else None)
+
+    def _self_condition(self, inputs_embeds, rows, soft):
+        inputs_embeds = inputs_embeds.clone()
+        self.sc_calls += 1
+        soft = None if soft is None else soft.to(inputs_embeds.dtype)
+        if self.lora_enabled and soft is not None:
+            # vLLM's LoRA layers map adapters per row of the whole batch (Punica's token
+            # mapping): the self-conditioning MLP then runs on every row, zeros where there is
+            # no canvas (MLP(pre_norm(0)) = 0 with or without an adapter), and keeps the
+            # canvas rows
+            full = inputs_embeds.new_zeros(inputs_embeds.shape[0], soft.shape[-1])
+            full[rows] = soft
+            inputs_embeds[rows] = self.self_conditioning(inputs_embeds, full)[rows]
+        else:
+            inputs_embeds[rows] = self.self_conditioning(inputs_embeds[rows], soft)
+        return inputs_embeds
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The plugin's runner computes the head itself, tiled over the vocabulary and on this
