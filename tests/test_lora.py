@@ -200,6 +200,23 @@ def test_adapter_shapes_and_names_are_checked():
                   DIMS, set(), "x", _copy)
 
 
+def test_pipeline_stage_checks_the_whole_adapter_and_keeps_its_own_layers():
+    """A stage holding layers 0 (sliding) and 1 (full) of four (S, F, S, F): layers 2 and 3 get
+    the dimensions of 0 and 1, so a bad module of another stage's layer fails on this stage too;
+    the adapter then keeps this stage's modules only (k_proj copied onto v_proj of layer 1)."""
+    full = L.all_layer_dims(DIMS, ["sliding_attention", "full_attention"] * 2)
+    assert full["model.layers.2.self_attn.k_proj"] == (64, 32)
+    assert full["model.layers.3.self_attn.k_proj"] == (64, 64)
+    loras = {"model.layers.1.self_attn.k_proj": _w(2, 64, 64),
+             "model.layers.3.self_attn.k_proj": _w(2, 64, 64),
+             "model.layers.2.self_attn.q_proj": _w(2, 64, 64)}
+    L.conform(loras, full, {1, 3}, "x", _copy, present=set(DIMS))
+    assert sorted(loras) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    with pytest.raises(L.AdapterError, match=r"layers.2.self_attn.k_proj.*needs \(2, 64\)"):
+        L.conform({"model.layers.2.self_attn.k_proj": _w(2, 64, 64)}, full, {1, 3}, "x", _copy,
+                  present=set(DIMS))
+
+
 def test_target_modules_default_and_refusal():
     assert "experts" not in L.check_target_modules(None)
     assert L.check_target_modules(["q_proj", "o_proj"]) == ["q_proj", "o_proj"]

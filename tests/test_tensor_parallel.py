@@ -1,6 +1,6 @@
-"""tensor_parallel_size=2 on CPU, with vLLM's multiprocess executor and with Ray: the same seeded
-tokens as one rank and as the reference. The tiny geometry has one KV head (replicated over the
-two ranks), two query heads (one per rank), experts and vocabulary split in two; the head is
+"""tensor_parallel_size=2 on CPU, with vLLM's multiprocess executor: the same seeded tokens as one
+rank and as the reference (with Ray, across two Ray nodes: tests/test_ray_nodes.py). The tiny
+geometry has one KV head (replicated over the two ranks), two query heads (one per rank), experts and vocabulary split in two; the head is
 vocabulary-parallel (each rank samples over its own half; dgemma_vllm/refine/head.py)."""
 
 from __future__ import annotations
@@ -153,20 +153,6 @@ def test_two_ranks_equal_reference(tiny_ckpt, model):
     # per rank), and keep no core in reserve
     with _env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
         _run(tiny_ckpt, model, "mp", sampling=True, lora=True)
-
-
-def test_two_ranks_under_ray_equal_reference(tiny_ckpt, model):
-    """A local Ray cluster (started and stopped here) with two logical GPUs, the placement unit
-    vLLM's Ray executor asks for (see dgemma_vllm.engine.plugin.cpu_ray_platform); the engine
-    process joins it through RAY_ADDRESS."""
-    import ray
-
-    ctx = ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with _env(RAY_ADDRESS=ctx.address_info["address"]):
-            _run(tiny_ckpt, model, "ray")
-    finally:
-        ray.shutdown()
 
 
 def test_two_ranks_in_bf16():

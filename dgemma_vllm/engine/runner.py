@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dgemma_vllm.model.dgemma import StepInputs, softcap_of
-from dgemma_vllm.model.lora import adapter_dims, conform, k_eq_v_layers
+from dgemma_vllm.model.lora import adapter_dims, all_layer_dims, conform, k_eq_v_layers
 from dgemma_vllm.refine.device import to_device
 from dgemma_vllm.refine.filters import (LogitEdits, SamplingFilter, ban_sequences, build_edits,
                                         ends_bad_word, split_bad_words)
@@ -333,10 +333,12 @@ class DGemmaRunnerMixin:
     def _dg_conform_adapter(self, lora, lora_request) -> None:
         mgr = V.lora_adapter_manager(self.lora_manager)
         dims = adapter_dims(mgr.modules, mgr.packed_modules)
-        conform(lora.loras, dims, k_eq_v_layers(self.model_config.hf_config.text_config),
+        text = self.model_config.hf_config.text_config
+        conform(lora.loras, all_layer_dims(dims, text.layer_types), k_eq_v_layers(text),
                 lora_request.lora_name,
                 lambda w, name: V.LoRALayerWeights(name, w.rank, w.lora_alpha, w.lora_a.clone(),
-                                                   w.lora_b.clone(), scaling=w.scaling))
+                                                   w.lora_b.clone(), scaling=w.scaling),
+                present=set(dims))
 
     def _dg_load_adapters(self) -> None:
         """Load the batch's adapters not loaded yet, one by one, before vLLM activates them: an

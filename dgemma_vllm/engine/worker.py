@@ -28,6 +28,22 @@ class _StageMixin:
     """Pipeline stages after the first take their intermediate tensors only once the step's plan
     has arrived from the last stage (vllm_api.deferred_pp_receive; runner._dg_pp_exchange)."""
 
+    def dgemma_rank_info(self) -> dict:
+        """Where this worker runs: its pipeline stage and tensor rank, process id, and Ray node
+        (None outside Ray), for ``collective_rpc`` (placement checks)."""
+        import os
+
+        node = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        except ImportError:
+            pass
+        return {"pp_rank": V.get_pp_group().rank_in_group,
+                "tp_rank": V.get_tensor_model_parallel_rank(), "pid": os.getpid(), "node": node}
+
     def execute_model(self, scheduler_output):
         stages, first, _ = V.pp_ranks()
         if stages == 1 or first:

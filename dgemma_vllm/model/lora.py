@@ -68,6 +68,27 @@ def adapter_dims(modules: dict, packed: dict[str, list[str]]) -> dict[str, tuple
     return out
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def all_layer_dims(dims: dict[str, tuple[int, int]], layer_types) -> dict[str, tuple[int, int]]:
+    """`dims` (this pipeline stage's modules) completed with the layers of the other stages:
+    a layer has the modules and dimensions of this stage's layers of the same type (sliding or
+    full attention). Every stage then checks the whole adapter the same way, so that a bad module
+    fails its load on all stages, not only on the stage that holds its layer."""
+    by_type: dict[tuple[str, str], tuple[int, int]] = {}
+    for name, d in dims.items():
+        m = _LAYER.fullmatch(name)
+        if m:
+            by_type[(layer_types[int(m.group(1))], m.group(2))] = d
+    out = dict(dims)
+    for i, t in enumerate(layer_types):
+        for (kind, suffix), d in by_type.items():
+            if kind == t:
+                out.setdefault(f"model.layers.{i}.{suffix}", d)
+    return out
+
+
 def k_eq_v_layers(text_config) -> set[int]:
     """Indices of the layers whose values are their keys (full attention, attention_k_eq_v)."""
     return {i for i, t in enumerate(text_config.layer_types) if t == "full_attention"}
@@ -80,12 +101,15 @@ def _same(a, b) -> bool:
 
 
 def conform(loras: dict, dims: dict[str, tuple[int, int]], k_eq_v: set[int], lora_name: str,
-            make_copy) -> dict:
+            make_copy, present: set[str] | None = None) -> dict:
     """Check and complete an adapter's per-module weights in place (``loras``: module name ->
     vLLM ``LoRALayerWeights`` with ``rank``, ``lora_a``, ``lora_b``, ``scaling``, after vLLM's
     renames; ``dims``: :func:`adapter_dims`).
     Encoder copies equal to their decoder twin are dropped; a ``k_proj`` adapter of a K = V layer
-    is copied to its ``v_proj`` (``make_copy(weights, new_name)``). Raises :class:`AdapterError`."""
+    is copied to its ``v_proj`` (``make_copy(weights, new_name)``). With pipeline stages
+    (`present`: the modules of this stage; `dims`: :func:`all_layer_dims`) the whole adapter is
+    checked and the modules of other stages' layers are then dropped here. Raises
+    :class:`AdapterError`."""
     for name in [n for n in loras if n.startswith(_ENCODER)]:
         twin = "model." + name[len(_ENCODER):]
         a, b = loras[name], loras.get(twin)
@@ -127,6 +151,8 @@ def conform(loras: dict, dims: dict[str, tuple[int, int]], k_eq_v: set[int], lor
         if k is not None:
             loras[f"model.layers.{i}.self_attn.v_proj"] = make_copy(
                 k, f"model.layers.{i}.self_attn.v_proj")
+    for name in [n for n in loras if present is not None and n not in present]:
+        del loras[name]  # a layer of another pipeline stage (checked above all the same)
     return loras
 
 
