@@ -28,8 +28,22 @@ import time
 N_REQ = 16
 
 
+def fixed_step_batch(n: int, canvas: int, steps: int):
+    """`n` seeded requests: a 64-token prompt each, one full canvas, exactly `steps` denoising
+    steps (stopping off). Returns (prompts, sampling params)."""
+    from vllm import SamplingParams
+
+    xargs = {"diffusion_max_steps": steps, "diffusion_stability_threshold": 0,
+             "diffusion_confidence_threshold": 0}
+    prompts = [{"prompt_token_ids": [(7 * j + 3 * i) % 300 + 5 for j in range(64)]}
+               for i in range(n)]
+    params = [SamplingParams(max_tokens=canvas, ignore_eos=True, seed=2 + i, extra_args=xargs)
+              for i in range(n)]
+    return prompts, params
+
+
 def _child(cfg: dict) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.lora.request import LoRARequest
 
     from dgemma_vllm.checkpoints.adapters import cached_adapter
@@ -45,12 +59,7 @@ def _child(cfg: dict) -> None:
               max_num_seqs=N_REQ, seed=0, **lora)
     start = time.perf_counter() - t0
     canvas = llm.llm_engine.model_config.hf_config.dgemma_canvas_length
-    xargs = {"diffusion_max_steps": cfg["steps"], "diffusion_stability_threshold": 0,
-             "diffusion_confidence_threshold": 0}
-    prompts = [{"prompt_token_ids": [(7 * j + 3 * i) % 300 + 5 for j in range(64)]}
-               for i in range(N_REQ)]
-    params = [SamplingParams(max_tokens=canvas, ignore_eos=True, seed=2 + i, extra_args=xargs)
-              for i in range(N_REQ)]
+    prompts, params = fixed_step_batch(N_REQ, canvas, cfg["steps"])
     modes = {"no adapter": [None] * N_REQ}
     if cfg["lora"]:
         modes["1 adapter"] = [ads[0]] * N_REQ

@@ -31,9 +31,10 @@ BATCH = 8
 
 
 def _child(cfg: dict) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from dgemma_vllm.checkpoints.factory import cached_checkpoint
+    from lora import fixed_step_batch  # benchmarks/ is on sys.path when run as a script
 
     ckpt = cached_checkpoint(cfg["geometry"], dtype="float32")
     t0 = time.perf_counter()
@@ -41,12 +42,7 @@ def _child(cfg: dict) -> None:
               max_num_seqs=BATCH, seed=0, **cfg["layout"])
     start = time.perf_counter() - t0
     canvas = llm.llm_engine.model_config.hf_config.dgemma_canvas_length
-    xargs = {"diffusion_max_steps": cfg["steps"], "diffusion_stability_threshold": 0,
-             "diffusion_confidence_threshold": 0}
-    prompts = [{"prompt_token_ids": [(7 * j + 3 * i) % 300 + 5 for j in range(64)]}
-               for i in range(BATCH)]
-    params = [SamplingParams(max_tokens=canvas, ignore_eos=True, seed=2 + i, extra_args=xargs)
-              for i in range(BATCH)]
+    prompts, params = fixed_step_batch(BATCH, canvas, cfg["steps"])
     llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
     one, batch, tokens = [], [], None
     for _ in range(cfg["rounds"]):
