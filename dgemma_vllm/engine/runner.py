@@ -390,8 +390,8 @@ class DGemmaRunnerMixin:
             softs = [(self.dg_states[req_id].soft, n) for req_id, _, _, n in plan.canvas_entries()]
         else:
             plan = plan_step([RowView(self.input_batch.req_ids[row], 0) for row in range(num_reqs)])
-        hidden = self.model_config.hf_config.text_config.hidden_size
-        soft = assemble_soft(softs, hidden, self.device) if owner else None
+        soft = assemble_soft(softs, self.model_config.hf_config.text_config.hidden_size,
+                             self.device)  # None on the other stages (no canvas states there)
         if stages > 1 and spec:  # every stage knows from the scheduler output whether to meet
             plan, soft = self._dg_pp_exchange(plan, written, soft, owner)
         logits_indices, spec_md, max_n = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)

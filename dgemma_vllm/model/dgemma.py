@@ -220,14 +220,13 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
         if first and inputs_embeds is None:
             inputs_embeds = self.model.embed_input_ids(input_ids)
         n_tok = positions.shape[-1]
-        device = positions.device
         enc = self.encoder_layer_scalars.to(self.dtype)
         dec = self.decoder_layer_scalars.to(self.dtype)
         if step is not None and step.canvas_rows.numel() > 0:
             rows = step.canvas_rows
             if first:  # the self-conditioning MLP adds to the canvas rows' input embeddings
                 inputs_embeds = self._self_condition(inputs_embeds, rows, step.soft_embeds)
-            is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=device)
+            is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=positions.device)
             is_canvas[rows] = True
             scalars = [torch.where(is_canvas, dec[i], enc[i]) for i in range(len(enc))]
         else:
