@@ -89,3 +89,97 @@ def expected_tokens(model, prompt_ids: list[int], seed: int, max_tokens: int, eo
         if t in eos_ids:
             return toks[: i + 1]
     return toks
+
+
+# ----------------------------------------------------------------------------- images
+def image_processor(path: str):
+    """The checkpoint's image processor as transformers loads it (``Gemma4ImageProcessorPil``
+    where torchvision is absent: PIL and numpy only)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path)
+
+
+def pixel_inputs(path: str, images) -> dict:
+    """``pixel_values`` / ``image_position_ids`` (one row per image, padded to the budget's
+    patches) and ``num_soft_tokens_per_image``, by the checkpoint's own image processor."""
+    out = image_processor(path)(list(images), return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"],
+            "num_soft_tokens": [int(n) for n in out["num_soft_tokens_per_image"]]}
+
+
+def expand_image_tokens(config, prompt_ids: list[int], num_soft_tokens: list[int]) -> list[int]:
+    """Each image token of `prompt_ids` replaced by boi + N image tokens + eoi (N of that image,
+    in order): what Gemma 4's processor makes of the chat template's one ``<|image|>`` per image."""
+    out, k = [], 0
+    for t in prompt_ids:
+        if t == config.image_token_id:
+            out += [config.boi_token_id] + [config.image_token_id] * num_soft_tokens[k] + [
+                config.eoi_token_id]
+            k += 1
+        else:
+            out.append(t)
+    if k != len(num_soft_tokens):
+        raise ValueError(f"{k} image tokens in the prompt for {len(num_soft_tokens)} images")
+    return out
+
+
+def mm_token_type_ids(config, ids: list[int]) -> torch.Tensor:
+    """1 at image soft tokens, 0 elsewhere (transformers' ``create_mm_token_type_ids``)."""
+    return torch.tensor([[1 if t == config.image_token_id else 0 for t in ids]])
+
+
+@torch.no_grad()
+def image_features(model, pixel_values, image_position_ids) -> list[torch.Tensor]:
+    """The reference's image features (vision tower, then the multimodal embedder), one
+    ``[N_i, hidden]`` tensor per image, each image encoded alone."""
+    enc = model.model.encoder
+    return [enc.get_image_features(pixel_values[i:i + 1].to(model.dtype),
+                                   image_position_ids[i:i + 1]).pooler_output
+            for i in range(pixel_values.shape[0])]
+
+
+@torch.no_grad()
+def generate_with_images(model, ids: list[int], pixels: dict | None, seed: int,
+                         gemma4_mask: bool = False, **gen_kwargs) -> list[int]:
+    """`generate(pixel_values=..., image_position_ids=..., mm_token_type_ids=...)` on the expanded
+    prompt `ids` after ``torch.manual_seed(seed)``; returns the new tokens. `gemma4_mask` asks a
+    deliberately different question: image tokens bidirectional on sliding layers only, full layers
+    causal inside an image (plain Gemma 4's rule, not DiffusionGemma's), to show a check fails."""
+    import contextlib
+
+    kwargs = dict(gen_kwargs)
+    if pixels is not None:
+        kwargs.update(pixel_values=pixels["pixel_values"].to(model.dtype),
+                      image_position_ids=pixels["image_position_ids"],
+                      mm_token_type_ids=mm_token_type_ids(model.config, ids))
+    enc = model.model.encoder
+    ctx = contextlib.nullcontext()
+    if gemma4_mask:
+        orig = type(enc).create_masks_for_generate
+
+        def masks(*a, mm_token_type_ids=None, **kw):
+            with_blocks = orig(*a, mm_token_type_ids=mm_token_type_ids, **kw)
+            causal = orig(*a, mm_token_type_ids=None, **kw)
+            return {**with_blocks, "full_attention": causal["full_attention"]}
+
+        ctx = _patched(enc, "create_masks_for_generate", masks)
+    with ctx:
+        torch.manual_seed(seed)
+        out = model.generate(torch.tensor([ids], dtype=torch.long), **kwargs)
+    seq = out.sequences if hasattr(out, "sequences") else out
+    return seq[0, len(ids):].tolist()
+
+
+def _patched(obj, name, value):
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            delattr(obj, name)
+
+    return cm()

@@ -92,7 +92,13 @@ CHAT_TEMPLATE = (
     "{% if role == 'model' and message.get('reasoning_content') %}"
     "<|channel>thought\n{{ message['reasoning_content'] | trim }}<channel|>"
     "{% endif %}"
-    "{{ (message['content'] or '') | trim }}<turn|>\n"
+    # content as a string, or as parts (OpenAI-style: images where they stand, then text)
+    "{% set content = message['content'] or '' %}"
+    "{% if content is string %}{{ content | trim }}"
+    "{% else %}{% for part in content %}"
+    "{% if part['type'] == 'image' %}<|image|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<turn|>\n"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
@@ -111,7 +117,8 @@ SAMPLER_DEFAULTS = dict(
 
 @dataclass(frozen=True)
 class Geometry:
-    """Text-backbone geometry (the vision tower is always a small stub: image input is out of scope)."""
+    """Text-backbone geometry (the vision tower is the release's at `full` and a one-layer stub of
+    the same structure otherwise, `vision_config_kwargs`)."""
 
     vocab_size: int
     hidden_size: int
@@ -259,11 +266,28 @@ def vision_config_kwargs(geo: Geometry) -> dict:
         patch_size=16, pooling_kernel_size=3, position_embedding_size=10240 if full else 64,
         standardize=True, use_clipped_linears=False, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+        default_output_length=soft_tokens_per_image(geo),
     )
 
 
 def soft_tokens_per_image(geo: Geometry) -> int:
-    return 280 if geo.vocab_size == 262144 else 16
+    """The image budget: the release's 280 soft tokens; 70 (the smallest budget Gemma 4's image
+    processor accepts) at the small sizes."""
+    return 280 if geo.vocab_size == 262144 else 70
+
+
+def save_image_processor(out: Path, geo: Geometry) -> None:
+    """preprocessor_config.json as the release writes it (`Gemma4ImageProcessor`: patch 16,
+    pooling 3, rescale 1/255, no normalisation), with this geometry's soft-token budget.
+    transformers loads it as ``Gemma4ImageProcessorPil`` where torchvision is absent."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    Gemma4ImageProcessorPil(max_soft_tokens=soft_tokens_per_image(geo), patch_size=16,
+                            pooling_kernel_size=3).save_pretrained(out)
+    p = out / "preprocessor_config.json"
+    cfg = json.loads(p.read_text())
+    cfg["image_processor_type"] = "Gemma4ImageProcessor"
+    p.write_text(json.dumps(cfg, indent=2))
 
 
 def diffusion_config(geo: Geometry, with_vision: bool = True):
@@ -391,6 +415,11 @@ def save_tokenizer(out: Path, vocab_size: int) -> None:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
+    # the image markers by name (Gemma 4's processor reads tokenizer.image_token / boi / eoi)
+    p = out / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    cfg.update(zip(("boi_token", "image_token", "eoi_token"), IMAGE_TOKENS))
+    p.write_text(json.dumps(cfg, indent=2))
 
 
 # ----------------------------------------------------------------------------- weights
@@ -408,6 +437,11 @@ def _perturb_(model, geo: Geometry, seed: int) -> None:
                                     or name.endswith(("router.scale", "router.per_expert_scale"))):
                 noise = (torch.rand(t.shape, generator=g) * 2 - 1) * geo.perturb
                 t.copy_((1.0 + noise).to(t.dtype))
+            if geo.perturb > 0 and name.endswith(("vision_tower.std_bias", "vision_tower.std_scale")):
+                # the vision tower's standardisation (0 and 1 after init: a skipped or
+                # misapplied standardize would go unseen)
+                noise = (torch.rand(t.shape, generator=g) * 2 - 1) * geo.perturb
+                t.copy_((noise + name.endswith("std_scale")).to(t.dtype))
             if geo.qk_norm_scale != 1.0 and name.endswith(("self_attn.q_norm.weight",
                                                            "self_attn.k_norm.weight")):
                 t.mul_(geo.qk_norm_scale)
@@ -431,6 +465,7 @@ def _write(model_cls, cfg, gen, geo: Geometry, out: Path, *, seed: int, dtype: s
     save_tokenizer(out, geo.vocab_size)
     if release_json:
         _release_config_json(out, geo, dtype)
+        save_image_processor(out, geo)
 
 
 def make_diffusion_checkpoint(
@@ -490,7 +525,7 @@ def make_autoregressive_checkpoint(
     return out
 
 
-FACTORY_VERSION = 2
+FACTORY_VERSION = 3  # 3: image processor config, named image tokens, image parts in the chat template
 
 
 def cached_checkpoint(geometry: str = "tiny", kind: str = "diffusion", root: str | os.PathLike | None = None,

@@ -16,6 +16,15 @@ the whole canvas: keys ``[max(0, L - W + 1), L + C)``. With ``canvas_window="ref
 default) this impl recomputes the canvas rows of sliding layers exactly that way, reading the
 prefix K/V back from the paged cache; ``canvas_window="symmetric"`` keeps the kernel's window
 (what HF's flash-attention path and upstream vLLM do).
+
+Images: DiffusionGemma's image soft tokens attend bidirectionally within their image on every
+layer (the reference ORs a block overlay into the causal mask of full layers and into the
+windowed causal mask of sliding layers). vLLM's CPU kernel is causal there; this impl recomputes
+the rows of each image in the step from the paged cache with the reference's mask: key ``k``
+is seen by image query ``q`` when ``k`` is in the same image, or ``k <= q`` (and ``q - k < W`` on
+sliding layers). The images come from vLLM's ``mm_req_doc_ranges`` (the builder attaches those
+that meet this step's queries); an image is never split over two prefill chunks (the config
+hook sets ``disable_chunked_mm_input``).
 """
 
 from __future__ import annotations
@@ -113,17 +122,76 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torc
     return flat[blk[:, None, None], heads[None, :, None], pos.to(cache.device)[off][:, None, :]]
 
 
+def image_blocks(cm) -> list[tuple[int, int, int]] | None:
+    """``(sequence, first, last)`` (positions, inclusive) of each image of vLLM's
+    ``mm_req_doc_ranges`` that this step's queries of that sequence meet; None when none does."""
+    ranges = cm.mm_req_doc_ranges
+    if not ranges:
+        return None
+    qsl = cm.query_start_loc_cpu.tolist()
+    src = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
+    seq = src[: cm.num_reqs].tolist()
+    out = []
+    for i, spans in ranges.items():
+        if i >= cm.num_reqs:
+            continue
+        first = seq[i] - (qsl[i + 1] - qsl[i])
+        out += [(i, s, e) for s, e in spans if s < seq[i] and e >= first]
+    return out or None
+
+
+def _kv_slots(md, i: int, pos: torch.Tensor, bs: int) -> torch.Tensor:
+    bt = md.block_table[i]
+    return bt[pos // bs].long() * bs + pos % bs
+
+
 class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                               output_scale, output_block_scale)
         md = attn_metadata
-        if (md is None or md.dynamic_causal is None or self.sliding_window in (None, -1)
+        if md is None:
+            return out
+        if getattr(md, "dg_images", None):
+            self._fix_image_rows(layer, query, kv_cache, md, out)
+        if (md.dynamic_causal is None or self.sliding_window in (None, -1)
                 or _canvas_window != "reference"):
             return out
         self._fix_canvas_rows(layer, query, kv_cache, md, out)
         return out
+
+    def _fix_image_rows(self, layer, query, kv_cache, md, out):
+        """Each image's query rows again, with DiffusionGemma's image mask (module docstring),
+        over keys read back from the paged cache (the kernel has written this step's K/V)."""
+        w = self.sliding_window
+        windowed = w not in (None, -1)
+        qsl = md.query_start_loc.tolist()
+        seq_lens = md.seq_lens.tolist()
+        nb, h, bs, _ = kv_cache.shape
+        k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
+        d = self.head_size
+        k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, d)  # probed at start-up
+        rep = self.num_heads // self.num_kv_heads
+        for i, s, e in md.dg_images:
+            q0 = qsl[i]
+            first = seq_lens[i] - (qsl[i + 1] - q0)  # position of the sequence's first query
+            p0, p1 = max(s, first), min(e, seq_lens[i] - 1)  # this image's queries in the step
+            lo = max(0, p0 - w + 1) if windowed else 0
+            kpos = torch.arange(lo, p1 + 1, dtype=torch.long)
+            qpos = torch.arange(p0, p1 + 1, dtype=torch.long)
+            slots = _kv_slots(md, i, kpos, bs)
+            k = _gather(k_cache, slots, k_pos).float().transpose(0, 1).repeat_interleave(rep, 0)
+            v = _gather(v_cache, slots, v_pos).float().transpose(0, 1).repeat_interleave(rep, 0)
+            rows = slice(q0 + p0 - first, q0 + p1 - first + 1)
+            q = query[rows].view(-1, self.num_heads, d).float().transpose(0, 1)
+            dist = qpos[:, None] - kpos[None, :]
+            seen = dist >= 0
+            if windowed:
+                seen &= dist < w
+            seen |= kpos[None, :] >= s  # the same image (keys end at its last token)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=self.scale)
+            out[rows] = o.transpose(0, 1).reshape(out[rows].shape).to(out.dtype)
 
     def _fix_canvas_rows(self, layer, query, kv_cache, md, out):
         w = self.sliding_window  # W: a query sees W keys including itself
@@ -145,8 +213,7 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
                 continue
             start = max(0, prefix - w + 1)
             pos = torch.arange(start, seq, dtype=torch.long)
-            bt = md.block_table[i]
-            slots = bt[pos // bs].long() * bs + pos % bs
+            slots = _kv_slots(md, i, pos, bs)
             k = _gather(k_cache, slots, k_pos).float()  # [n, kvh, d]
             v = _gather(v_cache, slots, v_pos).float()
             q = query[q0:q1].view(c, self.num_heads, d).float()
@@ -164,13 +231,23 @@ class DGemmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if _canvas_window != "reference" or self.window_size in (None, -1):
+        images = bool(vllm_config.model_config.is_mm_prefix_lm)
+        window = _canvas_window == "reference" and self.window_size not in (None, -1)
+        if not (images or window):
             return
         if self.kv_cache_dtype not in ("auto", None) and "fp8" in str(self.kv_cache_dtype):
-            raise ValueError("dgemma_vllm: the exact canvas window reads the KV cache back and "
-                             f"does not read kv_cache_dtype={self.kv_cache_dtype!r}; use "
-                             "kv_cache_dtype='auto' or dgemma_canvas_window='symmetric'")
+            what = ("the exact canvas window" if window else "image attention") + \
+                " reads the KV cache back and"
+            fix = "dgemma_canvas_window='symmetric'" if window and not images else \
+                "--limit-mm-per-prompt '{\"image\": 0}' (text only)"
+            raise ValueError(f"dgemma_vllm: {what} does not read kv_cache_dtype="
+                             f"{self.kv_cache_dtype!r}; use kv_cache_dtype='auto' or {fix}")
         kv_layout(self.isa, self.dtype, self.block_size, self.head_dim)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        md.dg_images = image_blocks(common_attn_metadata)
+        return md
 
 
 class DGemmaCPUAttentionBackend(CPUAttentionBackend):

@@ -280,6 +280,10 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
                              "synchronous)")
         if not current_platform.is_cpu():
             gpu_config_checks(vllm_config)
+        # An image's tokens attend to the whole image (engine/attention.py): one prefill chunk
+        # must hold all of it (vLLM then schedules an image that does not fit in the next step).
+        if hasattr(sched, "disable_chunked_mm_input"):
+            sched.disable_chunked_mm_input = True
         mc = vllm_config.model_config
         # The runner hands per-step inputs (canvas rows, self-conditioning, per-mode layer
         # scalars) to the model outside the traced graph: run eagerly (no torch.compile / graphs).

@@ -464,3 +464,31 @@ def deferred_pp_receive():
         yield
     finally:
         del g.irecv_tensor_dict  # back to the class method
+
+
+# --- image input ----------------------------------------------------------------------------
+# The model declares ``SupportsMultiModal`` (model_executor/models/interfaces.py:170): vLLM's V1
+# runner then runs ``embed_multimodal`` for the scheduled images (``_execute_mm_encoder``) and
+# embeds every step through ``embed_input_ids(ids, mm_embeds, is_multimodal=...)`` (the default,
+# interfaces.py:482, merges with ``_merge_multimodal_embeddings``), so the model's forward gets
+# ``inputs_embeds``. The processor classes (multimodal/processing/) turn one ``<|image|>`` of the
+# tokenized prompt into boi + N image tokens + eoi (``PromptReplacement``; vLLM applies it,
+# processor.py:1793) and batch the processor's tensors per image (``MultiModalFieldConfig``).
+# ``model_config.is_mm_prefix_lm`` (the checkpoint's ``use_bidirectional_attention="vision"``)
+# makes the runner fill ``CommonAttentionMetadata.mm_req_doc_ranges`` (gpu_model_runner.py:2337):
+# request index -> inclusive (first, last) positions of each image's soft tokens; a model
+# attribute ``mm_prefix_clamp_sliding_window`` keeps ranges longer than the sliding window
+# (:2341). vLLM's CPU attention ignores the ranges (cpu_attn.py): the plugin's CPU backend reads
+# them. vLLM's own Gemma 4 image path (gemma4_mm.py) imports transformers' Gemma4Processor,
+# which needs torchvision; none of it is imported here.
+from vllm.model_executor.models.interfaces import SupportsMultiModal  # noqa: F401,E402
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: F401,E402
+from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: F401,E402
+from vllm.multimodal.parse import ImageProcessorItems  # noqa: F401,E402
+from vllm.multimodal.processing import (  # noqa: F401,E402
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdateDetails,
+)

@@ -12,6 +12,12 @@ scale, vocab-parallel embedding) serves both modes of the reference:
 
 The runner tells the model which rows of a batch are canvas rows and hands it their
 self-conditioning soft embeddings (``[rows, hidden]``) through :meth:`set_step`.
+
+Images (prompt rows only; canvases never hold one): transformers' Gemma 4 vision tower (plain
+torch; vLLM's Gemma 4 image model cannot be imported without torchvision, and builds the same
+module with ``AutoModel.from_config``), then the multimodal embedder; vLLM merges the features,
+unscaled, at the image-token rows. Image tokens attend bidirectionally within their image on
+every layer (engine/attention.py), DiffusionGemma's rule (plain Gemma 4 keeps full layers causal).
 """
 
 from __future__ import annotations
@@ -79,6 +85,31 @@ class SelfConditioning(nn.Module):
         return self.post_norm(x + self.mlp(self.pre_norm(soft)))
 
 
+class MultimodalEmbedder(nn.Module):
+    """RMSNorm without weight, then a bias-free projection to the text width (reference:
+    DiffusionGemmaMultimodalEmbedder). A plain ``nn.Linear``, not one of vLLM's linears: those
+    take LoRA wrappers whose per-row mapping is the text batch's, not the image tokens'."""
+
+    def __init__(self, vision_config, text_config):
+        super().__init__()
+        dim = getattr(vision_config, "output_proj_dims", None) or vision_config.hidden_size
+        self.embedding_pre_projection_norm = V.RMSNorm(dim, eps=vision_config.rms_norm_eps,
+                                                       has_weight=False)
+        self.embedding_projection = nn.Linear(dim, text_config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding_projection(self.embedding_pre_projection_norm(x))
+
+
+def build_vision_tower(vision_config):
+    """transformers' Gemma 4 vision tower for the checkpoint's ``vision_config`` (SDPA
+    attention), parameters in the current default dtype (vLLM sets the model's)."""
+    from transformers import AutoModel
+
+    vision_config._attn_implementation = "sdpa"
+    return AutoModel.from_config(vision_config, dtype=torch.get_default_dtype())
+
+
 @contextlib.contextmanager
 def _attention_layers(backend_cls=None, unclamped_mm_prefix: bool = False):
     """Build Gemma 4's attention layers with our backend class (vLLM's ``Attention`` takes an
@@ -135,12 +166,20 @@ def _experts_without_lora(vllm_config):
             object.__setattr__(c, "lora_config", lora)
 
 
-class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
+class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V.SupportsPP):
     """vLLM model class for ``DiffusionGemmaForBlockDiffusion`` checkpoints."""
+
+    # vLLM drops image ranges longer than the sliding window from the attention metadata unless
+    # the model bounds them itself (gpu_model_runner.py:2341): DiffusionGemma's image tokens see
+    # their whole image on sliding layers too, and the attention backends apply the window only to
+    # keys outside it (CPU: engine/attention.py; GPU: the unclamped multimodal-prefix ranges)
+    mm_prefix_clamp_sliding_window = True
 
     # checkpoint name -> module name (applied in order, prefixes)
     hf_to_vllm_mapper = _Mapper(
         orig_to_new_prefix={
+            "model.encoder.vision_tower.": "vision_tower.",
+            "model.encoder.embed_vision.": "embed_vision.",
             "model.decoder.self_conditioning.": "self_conditioning.",
             "model.decoder.": "model.",
         },
@@ -193,6 +232,11 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
         if getattr(hf_config, "tie_word_embeddings", True):
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         refuse_quantized_head(self.lm_head, self.model.embed_tokens)
+        vision = getattr(hf_config, "vision_config", None)
+        self.has_vision = vision is not None
+        if self.has_vision:  # replicated on every rank, as vLLM's Gemma 4 builds it
+            self.vision_tower = build_vision_tower(vision)
+            self.embed_vision = MultimodalEmbedder(vision, config)
 
         n = config.num_hidden_layers
         # The two layer_scalar sets of the checkpoint (buffers are not tied in the reference).
@@ -210,8 +254,33 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
     def set_step(self, step: StepInputs | None) -> None:
         self._step = step
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
+    # embed_input_ids: SupportsMultiModal's (the backbone's scaled embedding, then the image
+    # features at the image rows, unscaled, as the reference's masked_scatter)
+    def get_language_model(self):
+        return self.model
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        return "<|image|>" if modality == "image" else None
+
+    def embed_multimodal(self, **kwargs) -> list[torch.Tensor]:
+        """Image features, one ``[N_i, hidden]`` tensor per image: the vision tower on the
+        processor's patches (its padding stripped), then the embedder (reference:
+        ``get_image_features``)."""
+        pixels = kwargs.get("pixel_values")
+        if pixels is None:
+            return []
+        positions = kwargs["pixel_position_ids"]
+        if isinstance(pixels, (list, tuple)):
+            pixels, positions = torch.stack(list(pixels)), torch.stack(list(positions))
+        tower = self.vision_tower
+        dtype = next(tower.parameters()).dtype
+        feats = tower(pixel_values=pixels.to(dtype), pixel_position_ids=positions).last_hidden_state
+        counts = [int(n) for n in kwargs["num_soft_tokens"]]
+        if sum(counts) != feats.shape[0]:
+            raise ValueError(f"dgemma_vllm: the vision tower gave {feats.shape[0]} soft tokens for "
+                             f"images expecting {counts}")
+        return list(self.embed_vision(feats.to(self.dtype)).split(counts))
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
@@ -287,9 +356,9 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
         def text_weights():
             nonlocal skipped_vision
             for name, tensor in weights:
-                if name.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.",
-                                    "model.vision_tower.", "model.embed_vision.")):
-                    skipped_vision += 1
+                if not self.has_vision and name.startswith(("model.encoder.vision_tower.",
+                                                            "model.encoder.embed_vision.")):
+                    skipped_vision += 1  # a config without vision_config: nothing to load into
                     continue
                 if name.endswith(".layer_scalar"):
                     i = int(name.split(".layers.")[1].split(".")[0])
@@ -312,8 +381,8 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
         loader = V.AutoWeightsLoader(self)
         loaded = loader.load_weights(text_weights(), mapper=self.hf_to_vllm_mapper)
         if skipped_vision:
-            logger.info("dgemma_vllm: skipped %d vision-tower tensors (image input is not "
-                        "supported by this plugin yet; text only)", skipped_vision)
+            logger.info("dgemma_vllm: skipped %d vision-tower tensors (the config has no "
+                        "vision_config: text only)", skipped_vision)
         n = self.config.num_hidden_layers
         for kind in ("model.decoder.layers", "model.encoder.language_model.layers"):
             missing = [i for i in range(n) if f"{kind}.{i}.layer_scalar" not in loaded_scalars]
@@ -324,3 +393,12 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsLoRA, V.SupportsPP):
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")
         return loaded
+
+
+def _register_processor() -> None:
+    from dgemma_vllm.engine.multimodal import register
+
+    register(DGemmaForBlockDiffusion)
+
+
+_register_processor()
