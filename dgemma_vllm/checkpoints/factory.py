@@ -429,6 +429,7 @@ def _perturb_(model, geo: Geometry, seed: int) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed + 1)
+    gv = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not t.is_floating_point():
@@ -440,7 +441,8 @@ def _perturb_(model, geo: Geometry, seed: int) -> None:
             if geo.perturb > 0 and name.endswith(("vision_tower.std_bias", "vision_tower.std_scale")):
                 # the vision tower's standardisation (0 and 1 after init: a skipped or
                 # misapplied standardize would go unseen)
-                noise = (torch.rand(t.shape, generator=g) * 2 - 1) * geo.perturb
+                # (its own generator: the text weights stay those of earlier factory versions)
+                noise = (torch.rand(t.shape, generator=gv) * 2 - 1) * geo.perturb
                 t.copy_((noise + name.endswith("std_scale")).to(t.dtype))
             if geo.qk_norm_scale != 1.0 and name.endswith(("self_attn.q_norm.weight",
                                                            "self_attn.k_norm.weight")):

@@ -221,7 +221,10 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         overrides = server_overrides(hf)
         DiffusionParams().with_overrides(overrides)  # bad server defaults fail at start-up
         validation.SERVED.update(canvas_length=hf.dgemma_canvas_length,
-                                 vocab_size=hf.text_config.vocab_size, defaults=overrides)
+                                 vocab_size=hf.text_config.vocab_size, defaults=overrides,
+                                 image_token_id=getattr(hf, "image_token_id", None)
+                                 if getattr(hf, "vision_config", None) is not None else None)
+        V.wrap_prompt_validation(validation.validate_prompt)
         validate_options(hf)
 
     @staticmethod

@@ -24,6 +24,7 @@ from functools import cached_property
 
 from . import vllm_api as V
 
+IMAGE_PLACEHOLDER = "<|image|>"  # the release's image token, one per image in a prompt
 # Gemma4ImageProcessorPil accepts these soft-token budgets only (image_processing_pil_gemma4.py)
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 
@@ -108,6 +109,19 @@ class DGemmaMultiModalProcessor(V.BaseMultiModalProcessor[DGemmaProcessingInfo])
         return dict(pixel_values=V.MultiModalFieldConfig.batched("image"),
                     pixel_position_ids=V.MultiModalFieldConfig.batched("image"),
                     num_soft_tokens=V.MultiModalFieldConfig.batched("image", keep_on_cpu=True))
+
+    def _apply_prompt_updates(self, token_ids, mm_prompt_updates):
+        """vLLM's, after checking that the prompt has one ``<|image|>`` per image (vLLM's own
+        mismatch error speaks of the processor's implementation, not of the request)."""
+        _, image, _ = self.info.image_tokens()
+        n_images = len(mm_prompt_updates.get("image", ()))
+        n_marks = sum(1 for t in token_ids if t == image)
+        if n_marks != n_images:
+            raise ValueError(
+                f"the prompt has {n_marks} image placeholder(s) {IMAGE_PLACEHOLDER!r} for "
+                f"{n_images} image(s): put one {IMAGE_PLACEHOLDER} where each image belongs "
+                "(chat messages with image parts get them from the chat template)")
+        return super()._apply_prompt_updates(token_ids, mm_prompt_updates)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         boi, image, eoi = self.info.image_tokens()

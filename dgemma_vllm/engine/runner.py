@@ -820,7 +820,8 @@ class DGemmaRunnerMixin:
                                      inputs_embeds=inputs_embeds, **model_kwargs)
         self.dg_time["forward"] += time.perf_counter() - t
         plan = self.dg_step
-        if self.dg_group <= 1 or plan is None or input_ids is None or not plan.denoise_only:
+        if self.dg_group <= 1 or plan is None or not plan.denoise_only or (
+                input_ids is None and inputs_embeds is None):
             return out
         rows = self.dg_canvas_rows
         for _ in range(self.dg_group - 1):
@@ -834,8 +835,13 @@ class DGemmaRunnerMixin:
             if any(st.commit is not None for st in states):
                 self.dg_applied = True  # this forward's step is done; _sample returns no token
                 return out
-            ids = torch.cat([st.canvas[0] for st in states]).to(input_ids.dtype)
-            input_ids[rows] = to_device(ids, input_ids.device)
+            ids = torch.cat([st.canvas[0] for st in states])
+            if input_ids is not None:
+                input_ids[rows] = to_device(ids.to(input_ids.dtype), input_ids.device)
+            else:  # a multimodal model embeds before the forward (vLLM's runner): embed here
+                model = self._dg_model()
+                inputs_embeds[rows] = model.model.embed_input_ids(
+                    to_device(ids, inputs_embeds.device)).to(inputs_embeds.dtype)
             self._dg_model().set_step(StepInputs(canvas_rows=rows,
                                                  soft_embeds=torch.cat([st.soft for st in states])))
             t = time.perf_counter()

@@ -29,6 +29,18 @@ def _reject(parameter: str, message: str, value=None):
     raise VLLMValidationError(f"{parameter}: {message}", parameter=parameter, value=value)
 
 
+def validate_prompt(prompt_input) -> None:
+    """A prompt that holds the image token but carries no image (the reference refuses it too:
+    its image rows would have no features) is refused, naming the token."""
+    image = SERVED.get("image_token_id")
+    if image is None or prompt_input.get("type") in ("multimodal", "embeds"):
+        return
+    if image in (prompt_input.get("prompt_token_ids") or ()):
+        _reject("prompt", f"holds the image token <|image|> (id {image}) but the request carries "
+                "no image: send the image with it (multi_modal_data, or an image part of a chat "
+                "message), or leave the token out", None)
+
+
 def validate_sampling_params(sp) -> None:
     # Everything else vLLM validates itself (ranges, vocabulary ids, max_logprobs) before this.
     unsupported = [

@@ -492,3 +492,23 @@ from vllm.multimodal.processing import (  # noqa: F401,E402
     PromptReplacement,
     PromptUpdateDetails,
 )
+
+
+def wrap_prompt_validation(check) -> None:
+    """Run ``check(prompt_input)`` after vLLM's own per-prompt checks in the front end
+    (``InputProcessor._validate_model_input``, v1/engine/input_processor.py:604: prompt length,
+    encoder-cache size of each image, token ids; a ``VLLMValidationError`` there is a 400 on the
+    server and a ``ValueError`` offline). ``prompt_input["type"]`` is ``"multimodal"`` for a
+    processed multimodal prompt (``mm_placeholders`` beside its ``prompt_token_ids``)."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    orig = InputProcessor._validate_model_input
+    if getattr(orig, "_dgemma", False):
+        return
+
+    def validate(self, prompt_input, prompt_type):
+        orig(self, prompt_input, prompt_type)
+        check(prompt_input)
+
+    validate._dgemma = True
+    InputProcessor._validate_model_input = validate

@@ -44,6 +44,17 @@ class _StageMixin:
         return {"pp_rank": V.get_pp_group().rank_in_group,
                 "tp_rank": V.get_tensor_model_parallel_rank(), "pid": os.getpid(), "node": node}
 
+    def dgemma_image_features(self, pixel_values, pixel_position_ids, num_soft_tokens) -> list:
+        """The served model's image features (``embed_multimodal``) for processor outputs given
+        as nested lists, returned as nested lists (for ``collective_rpc``: feature checks)."""
+        model = self.model_runner.get_model()
+        with torch.no_grad():
+            feats = model.embed_multimodal(
+                pixel_values=torch.tensor(pixel_values),
+                pixel_position_ids=torch.tensor(pixel_position_ids),
+                num_soft_tokens=list(num_soft_tokens))
+        return [f.float().tolist() for f in feats]
+
     def execute_model(self, scheduler_output):
         stages, first, _ = V.pp_ranks()
         if stages == 1 or first:

@@ -261,7 +261,9 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        return "<|image|>" if modality == "image" else None
+        from dgemma_vllm.engine.multimodal import IMAGE_PLACEHOLDER
+
+        return IMAGE_PLACEHOLDER if modality == "image" else None
 
     def embed_multimodal(self, **kwargs) -> list[torch.Tensor]:
         """Image features, one ``[N_i, hidden]`` tensor per image: the vision tower on the

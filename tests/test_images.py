@@ -1,0 +1,184 @@
+"""Image input against the `transformers` reference (tiny checkpoint with its vision tower, fp32).
+
+One engine serves every test here. The reference is ``generate(pixel_values=...,
+image_position_ids=..., mm_token_type_ids=...)`` on the same checkpoint and pixels (transformers'
+PIL image processor on both sides), after ``torch.manual_seed(seed)``:
+
+- seeded tokens equal for prompts with one image and with two images of different sizes and a
+  text-only request, all in one batch, and for a chat message with an image part;
+- image features (vision tower + embedder) within 1e-5 of the reference's;
+- the check can fail: the reference with plain Gemma 4's image mask (full layers causal inside
+  an image) gives other tokens;
+- prefix caching: the same image again reuses the cached blocks (the hit ends inside the image)
+  and gives the same tokens;
+  another image of the same size (the same token ids) reuses nothing of them and gives its own
+  reference's tokens (vLLM's multimodal hashes);
+- bad input is refused per request with a message naming the problem, the engine serves on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import checkpoint, start_llm, stop_llm
+from dgemma_vllm import reference as ref
+from dgemma_vllm.checkpoints.factory import EOS_IDS
+
+FEATURE_TOL = 1e-5
+TURN = "<|turn>user\n{}<turn|>\n<|turn>model\n"  # the chat template's user turn (vLLM adds <bos>)
+
+
+def image(h: int, w: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+IMAGES = {"a": image(40, 56, 0), "b": image(120, 60, 1), "c": image(200, 90, 2),
+          "d": image(40, 56, 3)}  # d: the size of a (same token ids), other pixels
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return checkpoint("tiny")
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    engine = start_llm(ckpt, block_size=32, enable_prefix_caching=True,
+                       limit_mm_per_prompt={"image": 2})
+    yield engine
+    stop_llm(engine)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return ref.load_reference(str(ckpt))
+
+
+def cut(tokens: list[int], max_tokens: int) -> list[int]:
+    tokens = tokens[:max_tokens]
+    for i, t in enumerate(tokens):
+        if t in EOS_IDS:
+            return tokens[: i + 1]
+    return tokens
+
+
+def reference_tokens(model, ckpt, prompt_ids, images, seed, max_tokens, steps, **kw):
+    pixels = ref.pixel_inputs(str(ckpt), images) if images else None
+    return cut(ref.generate_with_images(model, prompt_ids, pixels, seed,
+                                        max_new_tokens=max_tokens, max_denoising_steps=steps, **kw),
+               max_tokens)
+
+
+def expanded(llm, ckpt, model, text, images):
+    """The prompt ids the reference gets: the tokenized prompt with each <|image|> expanded by
+    the image's soft-token count from transformers' image processor."""
+    ids = llm.get_tokenizer()(text).input_ids
+    n = ref.pixel_inputs(str(ckpt), images)["num_soft_tokens"] if images else []
+    return ref.expand_image_tokens(model.config, ids, n)
+
+
+def test_batch_with_one_two_and_no_images_equals_reference(llm, model, ckpt):
+    from vllm import SamplingParams
+
+    cases = [  # (prompt, images, seed, max_tokens, steps)
+        (TURN.format("<|image|>What is in the picture?"), ["a"], 11, 40, 4),
+        (TURN.format("<|image|> and <|image|> Compare them."), ["b", "c"], 12, 32, 3),
+        (TURN.format("Why is the sky blue?"), [], 13, 36, 4),
+        (TURN.format("Describe <|image|> briefly."), ["c"], 14, 20, 5),
+    ]
+    inputs = [{"prompt": p, "multi_modal_data": {"image": [IMAGES[k] for k in ims]}} if ims
+              else {"prompt": p} for p, ims, *_ in cases]
+    params = [SamplingParams(max_tokens=mt, seed=s, extra_args={"diffusion_max_steps": st})
+              for _, _, s, mt, st in cases]
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    counts = [ref.pixel_inputs(str(ckpt), [IMAGES[k]])["num_soft_tokens"][0] for k in "abc"]
+    assert len(set(counts)) == 3, f"the test images should differ in soft tokens: {counts}"
+    for (p, ims, seed, mt, steps), o in zip(cases, outs):
+        images = [IMAGES[k] for k in ims]
+        ids = expanded(llm, ckpt, model, p, images)
+        assert list(o.prompt_token_ids) == ids, p
+        want = reference_tokens(model, ckpt, ids, images, seed, mt, steps)
+        assert list(o.outputs[0].token_ids) == want, p
+        if ims:  # the check can fail: plain Gemma 4's image mask gives other tokens
+            other = reference_tokens(model, ckpt, ids, images, seed, mt, steps, gemma4_mask=True)
+            assert other != want, f"{p}: the image mask on full layers did not matter"
+
+
+def test_chat_message_with_an_image_part(llm, model, ckpt):
+    from vllm import SamplingParams
+
+    chat = [{"role": "user", "content": [
+        {"type": "image_pil", "image_pil": IMAGES["b"]},
+        {"type": "text", "text": "What is this?"}]}]
+    sp = SamplingParams(max_tokens=24, seed=5, extra_args={"diffusion_max_steps": 4})
+    o = llm.chat([chat], sp, use_tqdm=False)[0]
+    ids = list(o.prompt_token_ids)
+    assert ids == ref.expand_image_tokens(
+        model.config, llm.get_tokenizer().apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                               "text": "What is this?"}]}],
+            add_generation_prompt=True, tokenize=True, return_dict=False),
+        ref.pixel_inputs(str(ckpt), [IMAGES["b"]])["num_soft_tokens"])
+    assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, ids, [IMAGES["b"]], 5, 24, 4)
+
+
+def test_image_features_equal_reference(llm, model, ckpt):
+    import torch
+
+    images = [IMAGES["a"], IMAGES["c"]]
+    px = ref.pixel_inputs(str(ckpt), images)
+    got = llm.collective_rpc("dgemma_image_features", args=(
+        px["pixel_values"].tolist(), px["image_position_ids"].tolist(), px["num_soft_tokens"]))[0]
+    want = ref.image_features(model, px["pixel_values"], px["image_position_ids"])
+    assert [len(g) for g in got] == px["num_soft_tokens"]
+    for g, w in zip(got, want):
+        err = float((torch.tensor(g) - w.float()).abs().max() / w.float().abs().max())
+        assert err <= FEATURE_TOL, err
+
+
+def test_prefix_caching_keeps_images_apart(llm, model, ckpt):
+    from vllm import SamplingParams
+
+    text = TURN.format("<|image|>Tell me what you see in this image, in a few words please.")
+    sp = SamplingParams(max_tokens=20, seed=31, extra_args={"diffusion_max_steps": 3})
+    first, again = (llm.generate([{"prompt": text, "multi_modal_data": {"image": IMAGES["a"]}}],
+                                 sp, use_tqdm=False)[0] for _ in range(2))
+    other = llm.generate([{"prompt": text, "multi_modal_data": {"image": IMAGES["d"]}}], sp,
+                         use_tqdm=False)[0]
+    ids = list(first.prompt_token_ids)
+    assert list(other.prompt_token_ids) == ids  # same size: the same token ids
+    start = ids.index(model.config.image_token_id)
+    # the hit ends inside the image (blocks of 32): its last rows attend to the cached ones
+    assert start < again.num_cached_tokens <= ids.index(model.config.eoi_token_id), \
+        again.num_cached_tokens
+    assert (other.num_cached_tokens or 0) <= start, other.num_cached_tokens
+    assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    for img, o in (("a", first), ("d", other)):
+        assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, ids, [IMAGES[img]],
+                                                                31, 20, 3), img
+
+
+@pytest.mark.parametrize("case", ["too_many", "no_placeholder", "placeholder_without_image"])
+def test_bad_image_input_is_refused_and_the_engine_serves_on(llm, case):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    sp = SamplingParams(max_tokens=8, seed=1, extra_args={"diffusion_max_steps": 2})
+    prompt, images, words = {
+        "too_many": (TURN.format("<|image|><|image|><|image|>"), ["a", "b", "c"], ("image", "2")),
+        "no_placeholder": (TURN.format("no image marker here"), ["a"], ("placeholder",)),
+        "placeholder_without_image": (TURN.format("<|image|> here"), [], ("image",)),
+    }[case]
+    request = {"prompt": prompt}
+    if images:
+        request["multi_modal_data"] = {"image": [IMAGES[k] for k in images]}
+    with pytest.raises((ValueError, VLLMValidationError)) as err:
+        llm.generate([request], sp, use_tqdm=False)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    ok = llm.generate([{"prompt": TURN.format("<|image|>fine"),
+                        "multi_modal_data": {"image": IMAGES["a"]}}], sp, use_tqdm=False)[0]
+    assert ok.outputs[0].finish_reason in ("stop", "length")
