@@ -283,6 +283,46 @@ def test_reference_window_keeps_image_ranges():
     assert out.mm_req_doc_ranges == {0: [(5, 20), (50 - 16 + 1, 57)]}
 
 
+def reference_image_masks(model, n: int, image: tuple[int, int]):
+    """The reference's prefill masks ``{layer type: [n, n] bool}`` for a prompt of `n` tokens
+    whose tokens ``image[0]..image[1]`` (inclusive) are one image (transformers' own mask code,
+    as ``generate`` calls it with ``mm_token_type_ids``)."""
+    mm = torch.zeros(1, n, dtype=torch.long)
+    mm[0, image[0]:image[1] + 1] = 1
+    masks = model.model.encoder.create_masks_for_generate(
+        config=model.config, inputs_embeds=torch.empty(1, n, 0), attention_mask=None,
+        past_key_values=None, position_ids=torch.arange(n)[None], mm_token_type_ids=mm)
+    out = {}
+    for kind, m in masks.items():
+        m = m[0, 0]
+        out[kind] = m if m.dtype == torch.bool else m == 0
+    return out
+
+
+def test_image_ranges_through_triton_equal_the_reference_mask(tiny_ckpt):
+    """GPU: image tokens reach Triton as vLLM's multimodal-prefix ranges (the runner keeps ranges
+    longer than the window: the model's ``mm_prefix_clamp_sliding_window``), in layers built
+    unclamped. The ported kernel mask of a prefill with an image 3x the window then equals the
+    reference's mask on sliding and full layers (DiffusionGemma: bidirectional inside the image on
+    every layer); Gemma 4's clamped ranges, or none on full layers, differ from it."""
+    from dgemma_vllm import reference as ref
+    from dgemma_vllm.model.dgemma import DGemmaForBlockDiffusion
+
+    assert DGemmaForBlockDiffusion.mm_prefix_clamp_sliding_window is True
+    model = ref.load_reference(str(tiny_ckpt))
+    W = model.config.get_text_config().sliding_window
+    n, image = 80, (6, 6 + 3 * W - 1)
+    oracle = reference_image_masks(model, n, image)
+    pos = torch.arange(n)
+    for kind, window in (("sliding_attention", W), ("full_attention", 0)):
+        got = triton_kv_mask(pos, pos, n, window, True, [image], clamp=False)
+        assert torch.equal(got, oracle[kind]), kind
+    clamped = triton_kv_mask(pos, pos, n, W, True, [image], clamp=True)
+    assert not torch.equal(clamped, oracle["sliding_attention"])
+    assert not torch.equal(triton_kv_mask(pos, pos, n, 0, True, [], clamp=False),
+                           oracle["full_attention"])
+
+
 # ----------------------------------------------------------------------------- the head on a GPU
 def _fake_cuda_getitem():
     """``Tensor.__getitem__`` through aten ops: on a CPU-only torch, Python-level indexing of a

@@ -28,6 +28,7 @@ def server(tiny_ckpt, tmp_path_factory):
             "--gpu-memory-utilization", "0.1", "--seed", "0",
             "--enable-auto-tool-choice", "--tool-call-parser", "gemma4",  # as users start it
             "--reasoning-parser", "gemma4",
+            "--limit-mm-per-prompt", '{"image": 2}',  # image requests (test_chat_with_images_*)
             # LoRA as users start it: a static adapter, dynamic ones allowed (test_lora_*)
             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
             "--lora-modules", f"ad-a={lora_adapters(tiny_ckpt)['a']}"]
@@ -157,6 +158,53 @@ def test_bad_request_is_400_naming_the_parameter(client):
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(model="tiny", prompt="hi", max_tokens=8, logprobs=21)
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=8).choices[0].text is not None
+
+
+def data_url(img) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "PNG")  # lossless: the server decodes the test's pixels
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_with_images_equals_reference_and_bad_images_are_400(client, model, tiny_ckpt):
+    """OpenAI chat messages with ``image_url`` parts (data: URLs): the chat template places one
+    <|image|> per image, the server expands it; seeded tokens equal transformers'
+    ``generate(pixel_values=...)`` on the server's prompt ids. An unreadable image, more images
+    than ``--limit-mm-per-prompt`` allows, and an image token in a text-only message are each a
+    400 naming the problem; the server serves on."""
+    import openai
+
+    from test_images import IMAGES, reference_tokens
+
+    def image_part(img):
+        return {"type": "image_url", "image_url": {"url": data_url(img) if not isinstance(img, str)
+                                                   else img}}
+
+    def chat(parts, **kw):
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=24, seed=7,
+            extra_body={"vllm_xargs": XARGS, "return_token_ids": True, **kw})
+
+    for images in (["a"], ["b", "c"]):
+        r = chat([image_part(IMAGES[k]) for k in images] + [{"type": "text", "text": "What is it?"}])
+        ids = list(r.prompt_token_ids)
+        assert ids.count(model.config.image_token_id) == sum(
+            ref.pixel_inputs(str(tiny_ckpt), [IMAGES[k]])["num_soft_tokens"][0] for k in images)
+        want = reference_tokens(model, tiny_ckpt, ids, [IMAGES[k] for k in images], 7, 24, 3)
+        assert list(r.choices[0].token_ids) == want, images
+    for parts, words in [
+        ([image_part("data:image/png;base64,bm90IGFuIGltYWdl"), {"type": "text", "text": "hi"}],
+         ("image",)),
+        ([image_part(IMAGES[k]) for k in "abc"], ("At most 2 image",)),
+        ([{"type": "text", "text": "a <|image|> token"}], ("<|image|>", "no image")),
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            chat(parts)
+        assert all(w in str(err.value) for w in words), str(err.value)
+    assert chat([image_part(IMAGES["a"])]).choices[0].finish_reason in ("stop", "length")
 
 
 def test_sampling_parameters_through_the_openai_client(client, tiny_ckpt):

@@ -326,7 +326,8 @@ class DGemmaRunnerMixin:
         encoder copies, shapes)."""
         if self.dg_cpu:  # vLLM's CPU ops: a per-row copy of the adapters, and -1 picks the last one
             V.use_grouped_cpu_lora_ops()
-        model = super().load_lora_model(model, vllm_config, device)
+        with self._dg_unwrapped(model).vision_hidden():
+            model = super().load_lora_model(model, vllm_config, device)
         V.wrap_lora_loading(self.lora_manager, self._dg_conform_adapter)
         return model
 
@@ -637,9 +638,12 @@ class DGemmaRunnerMixin:
                          fixed=[p - start for p in pins if p >= start])
         return canvas[:start] + ids, start
 
-    def _dg_model(self):
-        m = self.model
+    @staticmethod
+    def _dg_unwrapped(m):
         return getattr(m, "module", m) if not hasattr(m, "set_step") else m
+
+    def _dg_model(self):
+        return self._dg_unwrapped(self.model)
 
     def _build_attention_metadata(self, *args, **kwargs):
         plan, self.dg_attn_plan = self.dg_attn_plan, None

@@ -254,6 +254,19 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V
     def set_step(self, step: StepInputs | None) -> None:
         self._step = step
 
+    @contextlib.contextmanager
+    def vision_hidden(self):
+        """The vision tower and embedder out of the module tree for a while: vLLM's LoRA manager
+        walks the modules once when it is built and would try to wrap the tower's ``q_proj`` /
+        ``k_proj`` (their names match the text targets), which it cannot; adapters are for the
+        text backbone and the self-conditioning MLP only (model/lora.py)."""
+        hidden = {k: self._modules.pop(k) for k in ("vision_tower", "embed_vision")
+                  if k in self._modules}
+        try:
+            yield
+        finally:
+            self._modules.update(hidden)
+
     # embed_input_ids: SupportsMultiModal's (the backbone's scaled embedding, then the image
     # features at the image rows, unscaled, as the reference's masked_scatter)
     def get_language_model(self):
