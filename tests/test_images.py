@@ -9,10 +9,10 @@ PIL image processor on both sides), after ``torch.manual_seed(seed)``:
 - image features (vision tower + embedder) within 1e-5 of the reference's;
 - the check can fail: the reference with plain Gemma 4's image mask (full layers causal inside
   an image) gives other tokens;
-- prefix caching: the same image again reuses the cached blocks (the hit ends inside the image)
-  and gives the same tokens;
+- prefix caching: the same image again reuses the cached blocks and gives the same tokens;
   another image of the same size (the same token ids) reuses nothing of them and gives its own
-  reference's tokens (vLLM's multimodal hashes);
+  reference's tokens (vLLM's multimodal hashes); a hit that would end inside an image is cut to
+  the image's start;
 - bad input is refused per request with a message naming the problem, the engine serves on.
 """
 
@@ -141,24 +141,37 @@ def test_image_features_equal_reference(llm, model, ckpt):
 
 
 def test_prefix_caching_keeps_images_apart(llm, model, ckpt):
+    """Blocks of 32. A prompt whose cached blocks reach past its image: the same image again
+    reuses them (the image included) and gives the same tokens; another image of the same size
+    (the same token ids) reuses none of them. A prompt whose hit would end inside the image: the
+    hit is cut to the image's start (the image's remaining rows need all of it on sliding layers,
+    where vLLM keeps only the window before a hit), and the tokens are the reference's."""
     from vllm import SamplingParams
 
-    text = TURN.format("<|image|>Tell me what you see in this image, in a few words please.")
+    long_text = TURN.format("<|image|>Tell me what you see in this image, in a few words please, "
+                            "and then tell me a story about it, with a robot who paints the sea.")
+    short_text = TURN.format("<|image|>Tell me what you see in this image, in a few words please.")
     sp = SamplingParams(max_tokens=20, seed=31, extra_args={"diffusion_max_steps": 3})
-    first, again = (llm.generate([{"prompt": text, "multi_modal_data": {"image": IMAGES["a"]}}],
-                                 sp, use_tqdm=False)[0] for _ in range(2))
-    other = llm.generate([{"prompt": text, "multi_modal_data": {"image": IMAGES["d"]}}], sp,
-                         use_tqdm=False)[0]
+
+    def run(text, img):
+        return llm.generate([{"prompt": text, "multi_modal_data": {"image": IMAGES[img]}}], sp,
+                            use_tqdm=False)[0]
+
+    first, again, other = run(long_text, "a"), run(long_text, "a"), run(long_text, "d")
     ids = list(first.prompt_token_ids)
     assert list(other.prompt_token_ids) == ids  # same size: the same token ids
-    start = ids.index(model.config.image_token_id)
-    # the hit ends inside the image (blocks of 32): its last rows attend to the cached ones
-    assert start < again.num_cached_tokens <= ids.index(model.config.eoi_token_id), \
-        again.num_cached_tokens
-    assert (other.num_cached_tokens or 0) <= start, other.num_cached_tokens
+    end = ids.index(model.config.eoi_token_id)
+    assert again.num_cached_tokens > end, again.num_cached_tokens  # the image's blocks reused
+    assert not other.num_cached_tokens, other.num_cached_tokens
     assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
-    for img, o in (("a", first), ("d", other)):
-        assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, ids, [IMAGES[img]],
+    short_first, short_again = run(short_text, "c"), run(short_text, "c")
+    sids = list(short_first.prompt_token_ids)
+    image_rows = [i for i, t in enumerate(sids) if t == model.config.image_token_id]
+    # 32 <= the image's last row < the prompt's last full block: the hit would end inside it
+    assert 32 < image_rows[-1] < (len(sids) - 1) // 32 * 32 + 32
+    assert short_again.num_cached_tokens <= image_rows[0], short_again.num_cached_tokens
+    for text_ids, img, o in ((ids, "a", first), (ids, "d", other), (sids, "c", short_again)):
+        assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, text_ids, [IMAGES[img]],
                                                                 31, 20, 3), img
 
 

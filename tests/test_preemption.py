@@ -1,5 +1,6 @@
 """Preemption under a deliberately small KV cache: every request completes and seeded outputs
-equal the reference (the runner's canvas state survives; vLLM recomputes the committed KV)."""
+equal the reference (the runner's canvas state survives; vLLM recomputes the committed KV), for
+text requests, constrained ones and image requests (the vision tower runs again)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ def test_preempted_requests_complete_and_equal_reference(tiny_ckpt):
         after = {m.name: m for m in llm.get_metrics()}["vllm:num_preemptions"].value
         solo = [llm.generate([{"prompt_token_ids": prompts[i]}], [cparams[i]], use_tqdm=False)[0]
                 for i in range(4)]
+        # image requests, preempted: vLLM runs the vision tower again for a recomputed prompt
+        from test_images import IMAGES, TURN
+
+        images = [IMAGES["a"], IMAGES["b"], IMAGES["c"], IMAGES["d"]] * 2
+        iparams = [SamplingParams(max_tokens=48, seed=500 + i, extra_args={"diffusion_max_steps": 3})
+                   for i in range(8)]
+        ibatch = llm.generate([{"prompt": TURN.format(f"<|image|>Look {i}."),
+                                "multi_modal_data": {"image": img}}
+                               for i, img in enumerate(images)], iparams, use_tqdm=False)
+        final = {m.name: m for m in llm.get_metrics()}["vllm:num_preemptions"].value
     finally:
         stop_llm(llm)
     preemptions = metrics["vllm:num_preemptions"].value
@@ -45,5 +56,11 @@ def test_preempted_requests_complete_and_equal_reference(tiny_ckpt):
             solo[i].outputs[0].token_ids), i
     for p, sp, o in zip(prompts, params, outs):
         want = ref.expected_tokens(model, p, sp.seed, 64, EOS_IDS, max_denoising_steps=3)
+        assert list(o.outputs[0].token_ids) == want
+    assert final > after, "the image batch was not preempted"
+    from test_images import reference_tokens
+
+    for img, sp, o in zip(images, iparams, ibatch):
+        want = reference_tokens(model, tiny_ckpt, list(o.prompt_token_ids), [img], sp.seed, 48, 3)
         assert list(o.outputs[0].token_ids) == want
     print(f"preemptions: {preemptions}")

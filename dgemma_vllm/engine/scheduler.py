@@ -27,6 +27,19 @@ from .metrics import RefinementMetrics
 PLACEHOLDER_ID = 0  # any valid id: the runner overwrites canvas ids before the forward
 
 
+def image_safe_hit(request, hit: int) -> int | None:
+    """A prefix-cache hit must not end inside an image: the image's remaining rows attend to all
+    of it on sliding layers too (engine/attention.py), and a sliding-window group keeps only the
+    window before a hit. Returns the start of the first image the hit ends in (the hit is cut to
+    it), or None."""
+    cut = None
+    for f in request.mm_features or ():
+        for start, end in f.mm_position.extract_embeds_range():
+            if start < hit <= end:
+                cut = start if cut is None else min(cut, start)
+    return cut
+
+
 class DGemmaScheduler(V.Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -41,6 +54,8 @@ class DGemmaScheduler(V.Scheduler):
         # a reasoning parser gates constraints (vLLM: unless enable_in_reasoning)
         so_cfg = self.vllm_config.structured_outputs_config
         self.dg_reasoner = bool(so_cfg.reasoning_parser) and not so_cfg.enable_in_reasoning
+        if self.vllm_config.model_config.is_mm_prefix_lm:
+            V.limit_prefix_hits(self.kv_cache_manager, image_safe_hit)
 
     def canvas_len_for(self, request) -> int:
         extra = request.sampling_params.extra_args if request.sampling_params else None

@@ -512,3 +512,28 @@ def wrap_prompt_validation(check) -> None:
 
     validate._dgemma = True
     InputProcessor._validate_model_input = validate
+
+
+def limit_prefix_hits(kv_cache_manager, limit) -> None:
+    """Prefix-cache hits no longer than ``limit(request, hit)`` (None: keep the hit): vLLM's
+    ``KVCacheManager.get_computed_blocks`` (v1/core/kv_cache_manager.py:264, what the scheduler
+    asks for a waiting or resumed request, sched/scheduler.py:566/1037), then, for a hit that is
+    too long, its coordinator's ``find_longest_cache_hit(block_hashes, max_length)`` again with
+    the limit as the longest length, as vLLM's own call does with ``num_tokens - 1``. (A sliding-
+    window group's hit is valid only within the window before its end: a shorter hit cannot be
+    had by dropping blocks, hence the new lookup.)"""
+    orig = kv_cache_manager.get_computed_blocks
+
+    def get_computed_blocks(request):
+        blocks, hit, boundary = orig(request)
+        cap = limit(request, hit)
+        while cap is not None and hit > cap:
+            if cap <= 0:
+                return kv_cache_manager.empty_kv_cache_blocks, 0, 0
+            computed, hit, _ = kv_cache_manager.coordinator.find_longest_cache_hit(
+                request.block_hashes, cap)
+            blocks, boundary = kv_cache_manager.create_kv_cache_blocks(computed), 0
+            cap = limit(request, hit)
+        return blocks, hit, boundary
+
+    kv_cache_manager.get_computed_blocks = get_computed_blocks
