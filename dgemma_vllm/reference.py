@@ -100,10 +100,12 @@ def image_processor(path: str):
     return AutoImageProcessor.from_pretrained(path)
 
 
-def pixel_inputs(path: str, images) -> dict:
+def pixel_inputs(path: str, images, max_soft_tokens: int | None = None) -> dict:
     """``pixel_values`` / ``image_position_ids`` (one row per image, padded to the budget's
-    patches) and ``num_soft_tokens_per_image``, by the checkpoint's own image processor."""
-    out = image_processor(path)(list(images), return_tensors="pt")
+    patches) and ``num_soft_tokens_per_image``, by the checkpoint's own image processor (at
+    its budget, or `max_soft_tokens`)."""
+    kw = {} if max_soft_tokens is None else {"max_soft_tokens": max_soft_tokens}
+    out = image_processor(path)(list(images), return_tensors="pt", **kw)
     return {"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"],
             "num_soft_tokens": [int(n) for n in out["num_soft_tokens_per_image"]]}
 

@@ -66,8 +66,8 @@ def cut(tokens: list[int], max_tokens: int) -> list[int]:
     return tokens
 
 
-def reference_tokens(model, ckpt, prompt_ids, images, seed, max_tokens, steps, **kw):
-    pixels = ref.pixel_inputs(str(ckpt), images) if images else None
+def reference_tokens(model, ckpt, prompt_ids, images, seed, max_tokens, steps, budget=None, **kw):
+    pixels = ref.pixel_inputs(str(ckpt), images, budget) if images else None
     return cut(ref.generate_with_images(model, prompt_ids, pixels, seed,
                                         max_new_tokens=max_tokens, max_denoising_steps=steps, **kw),
                max_tokens)
@@ -126,6 +126,22 @@ def test_chat_message_with_an_image_part(llm, model, ckpt):
     assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, ids, [IMAGES["b"]], 5, 24, 4)
 
 
+def test_soft_token_budget_per_request(llm, model, ckpt):
+    """``mm_processor_kwargs={"max_soft_tokens": 140}``: the image is resized to that budget, as
+    transformers' processor does with the same setting; tokens equal the reference's."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=20, seed=41, extra_args={"diffusion_max_steps": 3})
+    o = llm.generate([{"prompt": TURN.format("<|image|>What is it?"),
+                       "multi_modal_data": {"image": IMAGES["b"]},
+                       "mm_processor_kwargs": {"max_soft_tokens": 140}}], sp, use_tqdm=False)[0]
+    ids = list(o.prompt_token_ids)
+    n = ref.pixel_inputs(str(ckpt), [IMAGES["b"]], 140)["num_soft_tokens"][0]
+    assert ids.count(model.config.image_token_id) == n > 70
+    assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, ids, [IMAGES["b"]], 41,
+                                                            20, 3, budget=140)
+
+
 def test_image_features_equal_reference(llm, model, ckpt):
     import torch
 
@@ -175,7 +191,8 @@ def test_prefix_caching_keeps_images_apart(llm, model, ckpt):
                                                                 31, 20, 3), img
 
 
-@pytest.mark.parametrize("case", ["too_many", "no_placeholder", "placeholder_without_image"])
+@pytest.mark.parametrize("case", ["too_many", "no_placeholder", "placeholder_without_image",
+                                  "budget", "processor_kwarg"])
 def test_bad_image_input_is_refused_and_the_engine_serves_on(llm, case):
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
@@ -185,8 +202,13 @@ def test_bad_image_input_is_refused_and_the_engine_serves_on(llm, case):
         "too_many": (TURN.format("<|image|><|image|><|image|>"), ["a", "b", "c"], ("image", "2")),
         "no_placeholder": (TURN.format("no image marker here"), ["a"], ("placeholder",)),
         "placeholder_without_image": (TURN.format("<|image|> here"), [], ("image",)),
+        "budget": (TURN.format("<|image|>"), ["a"], ("max_soft_tokens", "70, 140")),
+        "processor_kwarg": (TURN.format("<|image|>"), ["a"], ("do_resize", "not supported")),
     }[case]
     request = {"prompt": prompt}
+    if case in ("budget", "processor_kwarg"):
+        request["mm_processor_kwargs"] = {"max_soft_tokens": 100} if case == "budget" else {
+            "do_resize": False}
     if images:
         request["multi_modal_data"] = {"image": [IMAGES[k] for k in images]}
     with pytest.raises((ValueError, VLLMValidationError)) as err:

@@ -62,16 +62,37 @@ class DGemmaProcessingInfo(V.BaseProcessingInfo):
         # from vLLM's limit check, naming the limit)
         return {"image": None if self.has_vision() else 0}
 
-    def budget(self) -> int:
-        return int(self.image_processor.max_soft_tokens) if self.has_vision() else 0
+    def budget(self, mm_kwargs: Mapping[str, object] | None = None) -> int:
+        """Soft tokens at most per image: ``max_soft_tokens`` of the request's or the server's
+        ``mm_processor_kwargs`` (flat or under ``images_kwargs``), else the checkpoint's image
+        processor's (the release: 280); one of 70, 140, 280, 560, 1120."""
+        if not self.has_vision():
+            return 0
+        merged = self.ctx.get_merged_mm_kwargs(mm_kwargs or {})
+        images_kwargs = merged.get("images_kwargs")
+        unknown = sorted(set(merged) - {"max_soft_tokens", "images_kwargs"}) + sorted(
+            f"images_kwargs.{k}" for k in (images_kwargs if isinstance(images_kwargs, Mapping)
+                                           else {}) if k != "max_soft_tokens")
+        if unknown:
+            raise ValueError(f"mm_processor_kwargs: {unknown[0]!r} is not supported (the image "
+                             "processor takes max_soft_tokens only)")
+        val = merged.get("max_soft_tokens")
+        if val is None and isinstance(merged.get("images_kwargs"), Mapping):
+            val = merged["images_kwargs"].get("max_soft_tokens")
+        if val is None:
+            return int(self.image_processor.max_soft_tokens)
+        if isinstance(val, bool) or val not in SUPPORTED_SOFT_TOKENS:
+            raise ValueError(f"mm_processor_kwargs.max_soft_tokens must be one of "
+                             f"{SUPPORTED_SOFT_TOKENS} (soft tokens per image), got {val!r}")
+        return int(val)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]):
         return {"image": self.budget()}
 
-    def soft_tokens(self, width: int, height: int) -> int:
+    def soft_tokens(self, width: int, height: int, budget: int) -> int:
         ip = self.image_processor
         return num_soft_tokens(width, height, patch_size=int(ip.patch_size),
-                               pooling=int(ip.pooling_kernel_size), budget=self.budget())
+                               pooling=int(ip.pooling_kernel_size), budget=budget)
 
     def image_tokens(self) -> tuple[int, int, int]:
         cfg = self.get_hf_config()
@@ -100,7 +121,8 @@ class DGemmaMultiModalProcessor(V.BaseMultiModalProcessor[DGemmaProcessingInfo])
         from transformers import BatchFeature
 
         images = hf_data.get("images") or []
-        out = self.info.image_processor(list(images), return_tensors="pt")
+        out = self.info.image_processor(list(images), max_soft_tokens=self.info.budget(hf_kwargs),
+                                        return_tensors="pt")
         return BatchFeature({"pixel_values": out["pixel_values"],
                              "pixel_position_ids": out["image_position_ids"],
                              "num_soft_tokens": out["num_soft_tokens_per_image"]})
@@ -125,10 +147,11 @@ class DGemmaMultiModalProcessor(V.BaseMultiModalProcessor[DGemmaProcessingInfo])
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         boi, image, eoi = self.info.image_tokens()
+        budget = self.info.budget(hf_processor_mm_kwargs)
 
         def replacement(i: int):
             size = mm_items.get_items("image", V.ImageProcessorItems).get_image_size(i)
-            n = self.info.soft_tokens(size.width, size.height)
+            n = self.info.soft_tokens(size.width, size.height, budget)
             return V.PromptUpdateDetails.select_token_id([boi] + [image] * n + [eoi], image)
 
         return [V.PromptReplacement(modality="image", target=[image], replacement=replacement)]
