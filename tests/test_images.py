@@ -217,3 +217,15 @@ def test_bad_image_input_is_refused_and_the_engine_serves_on(llm, case):
     ok = llm.generate([{"prompt": TURN.format("<|image|>fine"),
                         "multi_modal_data": {"image": IMAGES["a"]}}], sp, use_tqdm=False)[0]
     assert ok.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_image_example_runs(llm):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "image_request.py"
+    spec = importlib.util.spec_from_file_location("image_request", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    texts = mod.run_offline(llm, mod.demo_image())
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)

@@ -478,6 +478,17 @@ def test_openai_streaming_example(server):
     assert isinstance(text, str) and text
 
 
+def test_image_example_through_the_openai_client(server, client):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "image_request.py"
+    spec = importlib.util.spec_from_file_location("image_request", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.run_openai(server, mod.demo_image(), "tiny")
+    assert isinstance(text, str)
+
+
 def _metrics(base, prefix="dgemma:"):
     text = requests.get(f"{base}/metrics", timeout=10).text
     out = {}
