@@ -1,5 +1,6 @@
-"""Server-level options given at start-up with --hf-overrides: the symmetric sliding window for
-canvas rows (against its own oracle) and sampler defaults (diffusion_max_steps).
+"""Server-level options given at start-up with --hf-overrides, one engine for all three: the
+symmetric sliding window for canvas rows (against its own oracle), sampler defaults
+(diffusion_max_steps) and the seeded-noise source (``dgemma_seeded_noise="device"``).
 
 
 ``--hf-overrides '{"dgemma_canvas_window": "symmetric"}'`` makes sliding layers in canvas mode
@@ -26,21 +27,32 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def captured(tiny_ckpt, tmp_path_factory):
+def capture_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("capture_sym")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt, capture_dir):
+    # three start-up options, each checked below: the symmetric window, a sampler default, and
+    # the seeded-noise source (its test does not depend on the window)
+    engine = start_llm(tiny_ckpt, capture_dir=str(capture_dir), max_model_len=256,
+                       hf_overrides={"dgemma_canvas_window": "symmetric", "diffusion_max_steps": 2,
+                                     "dgemma_seeded_noise": "device"})
+    yield engine
+    stop_llm(engine)
+
+
+@pytest.fixture(scope="module")
+def captured(llm, capture_dir):
     from vllm import SamplingParams
 
-    cap = tmp_path_factory.mktemp("capture_sym")
-    llm = start_llm(tiny_ckpt, capture_dir=str(cap),
-                    hf_overrides={"dgemma_canvas_window": "symmetric", "diffusion_max_steps": 2})
+    cap = capture_dir
     prompt = [(7 * i) % 400 + 5 for i in range(40)]  # longer than the window (16)
-    try:
-        outs = llm.generate([{"prompt_token_ids": prompt}] * 2,
-                            [SamplingParams(max_tokens=48, seed=4, ignore_eos=True,
-                                            extra_args={"diffusion_max_steps": 3}),
-                             SamplingParams(max_tokens=48, ignore_eos=True)], use_tqdm=False)
-        stats = request_stats(llm)
-    finally:
-        stop_llm(llm)
+    outs = llm.generate([{"prompt_token_ids": prompt}] * 2,
+                        [SamplingParams(max_tokens=48, seed=4, ignore_eos=True,
+                                        extra_args={"diffusion_max_steps": 3}),
+                         SamplingParams(max_tokens=48, ignore_eos=True)], use_tqdm=False)
+    stats = request_stats(llm)
     rid = outs[0].request_id
     steps = torch.load(next(f for f in cap.glob("*.pt") if f.stem.rsplit("-", 1)[0] == rid))
     return prompt, list(outs[0].outputs[0].token_ids), steps, stats[outs[1].request_id]
@@ -72,6 +84,31 @@ def test_symmetric_window_matches_its_oracle_and_differs_from_default(captured, 
 def test_server_level_sampler_default_takes_effect(captured):
     stats = captured[3]  # request without knobs on a server started with diffusion_max_steps=2
     assert (stats["canvases"], stats["denoising_steps"]) == (3, 6)
+
+
+def test_seeded_noise_on_the_device_is_reproducible_and_host_noise_is_the_reference(llm, tiny_ckpt):
+    """``dgemma_seeded_noise="device"`` (the GPU default; here the "device" is the CPU, so the
+    generator is a second CPU generator): seeded requests are reproducible per seed, alone or in
+    a batch, and their draws are not the CPU reference's, which the host option reproduces."""
+    from vllm import SamplingParams
+
+    prompt = [9, 30, 41, 77, 120, 7, 8]  # shorter than the window: the window rule plays no part
+    sp = lambda seed: SamplingParams(max_tokens=32, seed=seed, ignore_eos=True,  # noqa: E731
+                                     extra_args={"diffusion_max_steps": 3})
+
+    def run(seeds, prompts=None):
+        outs = llm.generate([{"prompt_token_ids": p} for p in (prompts or [prompt] * len(seeds))],
+                            [sp(s) for s in seeds], use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    solo = run([5])[0]
+    again = run([5])[0]
+    batched = run([5, 6, 7], [prompt, [11, 12, 13], [40] * 20])[0]
+    assert solo == again == batched and len(solo) == 32
+    model = ref.load_reference(str(tiny_ckpt))
+    host = ref.generate(model, prompt, 5, max_new_tokens=32, max_denoising_steps=3)
+    assert solo != host  # not the reference's draws (the default host noise equals them:
+    # tests/test_parity.py, tests/test_engine.py)
 
 
 def _isas():

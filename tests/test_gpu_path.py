@@ -436,37 +436,6 @@ def test_head_on_fake_cuda_tensors_places_everything_on_the_device_and_syncs_onc
     assert counter.syncs == ["device-to-host copy"], counter.syncs
 
 
-def test_seeded_noise_on_the_device_is_reproducible_and_host_noise_is_the_reference(tiny_ckpt):
-    """``dgemma_seeded_noise="device"`` (the GPU default; here the "device" is the CPU, so the
-    generator is a second CPU generator): seeded requests are reproducible per seed, alone or in
-    a batch, and their draws are not the CPU reference's, which the host option reproduces."""
-    from vllm import SamplingParams
-
-    from conftest import start_llm, stop_llm
-    from dgemma_vllm import reference as ref
-
-    prompt = [9, 30, 41, 77, 120, 7, 8]
-    sp = lambda seed: SamplingParams(max_tokens=32, seed=seed, ignore_eos=True,  # noqa: E731
-                                     extra_args={"diffusion_max_steps": 3})
-    llm = start_llm(tiny_ckpt, max_model_len=256, hf_overrides={"dgemma_seeded_noise": "device"})
-    try:
-        def run(seeds, prompts=None):
-            outs = llm.generate([{"prompt_token_ids": p} for p in (prompts or [prompt] * len(seeds))],
-                                [sp(s) for s in seeds], use_tqdm=False)
-            return [list(o.outputs[0].token_ids) for o in outs]
-
-        solo = run([5])[0]
-        again = run([5])[0]
-        batched = run([5, 6, 7], [prompt, [11, 12, 13], [40] * 20])[0]
-    finally:
-        stop_llm(llm)
-    assert solo == again == batched and len(solo) == 32
-    model = ref.load_reference(str(tiny_ckpt))
-    host = ref.generate(model, prompt, 5, max_new_tokens=32, max_denoising_steps=3)
-    assert solo != host  # not the reference's draws (the default host noise equals them:
-    # tests/test_parity.py, tests/test_engine.py)
-
-
 @pytest.mark.parametrize("seeded", [False, True])
 def test_filtered_and_edited_head_on_fake_cuda_tensors(monkeypatch, seeded):
     """Issue 18's head work on fake CUDA tensors: logit edits (penalties, bias, banned ids,

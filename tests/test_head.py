@@ -223,38 +223,6 @@ def test_head_memory_is_flat_in_concurrent_canvases():
     assert mem.peak >= rows * vocab * 4
 
 
-def test_engine_with_head_tiles_and_step_groups_equals_reference(tiny_ckpt):
-    """The engine with `dgemma_head_tile` 100 (tiny vocabulary 512: 6 tiles, the last partial)
-    and 4 denoising steps per engine step: seeded tokens equal the reference's, and steps did run
-    inside engine steps."""
-    from conftest import start_llm, stop_llm
-    from vllm import SamplingParams
-
-    from dgemma_vllm import reference as ref
-    from dgemma_vllm.checkpoints.factory import EOS_IDS
-
-    model = ref.load_reference(str(tiny_ckpt))
-    prompts = [[(17 * i + 3 * j) % 500 + 5 for j in range(4 + 11 * i)] for i in range(4)]
-    params = [SamplingParams(max_tokens=40, seed=70 + i, extra_args={"diffusion_max_steps": 6})
-              for i in range(4)]
-    from dgemma_vllm.engine.stats import runner_stats
-
-    llm = start_llm(tiny_ckpt, hf_overrides={"dgemma_head_tile": 100, "dgemma_steps_per_engine_step": 4})
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        counters = runner_stats(llm)
-        unseeded = llm.generate([{"prompt_token_ids": prompts[0]}] * 2,
-                                SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False)
-    finally:
-        stop_llm(llm)
-    for p, sp, o in zip(prompts, params, outs):
-        want = ref.expected_tokens(model, p, sp.seed, 40, EOS_IDS, max_denoising_steps=6)
-        assert list(o.outputs[0].token_ids) == want
-    assert counters["inner_steps"] > 0, counters
-    assert all(len(o.outputs[0].token_ids) == 24 for o in unseeded)
-    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
-
-
 def _states(specs, vocab, gen_seed):
     out = []
     for i, (n, thr, pins) in enumerate(specs):

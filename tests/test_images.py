@@ -5,7 +5,9 @@ image_position_ids=..., mm_token_type_ids=...)`` on the same checkpoint and pixe
 PIL image processor on both sides), after ``torch.manual_seed(seed)``:
 
 - seeded tokens equal for prompts with one image and with two images of different sizes and a
-  text-only request, all in one batch, and for a chat message with an image part;
+  text-only request, all in one batch (with 192 tokens a step: one prompt's image would straddle
+  a prefill chunk's end, and is not split; seeded requests prefilled in chunks, which ended the
+  engine before: vLLM rewinds its CPU generators there), and for a chat message with an image part;
 - image features (vision tower + embedder) within 1e-5 of the reference's;
 - the check can fail: the reference with plain Gemma 4's image mask (full layers causal inside
   an image) gives other tokens;
@@ -26,6 +28,9 @@ from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS
 
 FEATURE_TOL = 1e-5
+STEP_TOKENS = 192  # the engine's max_num_batched_tokens
+LONG_TEXT = ("Once upon a time there was a small robot that loved the colours of the sea. It "
+             "painted every morning and every evening, and one day it found a picture:") * 2
 TURN = "<|turn>user\n{}<turn|>\n<|turn>model\n"  # the chat template's user turn (vLLM adds <bos>)
 
 
@@ -42,13 +47,18 @@ IMAGES = {"a": image(40, 56, 0), "b": image(120, 60, 1), "c": image(200, 90, 2),
 
 @pytest.fixture(scope="module")
 def ckpt():
-    return checkpoint("tiny")
+    # the tiny checkpoint in 300 KB shards (the same weights): sharded loading, vision tower too
+    return checkpoint("tiny", max_shard_size="300KB")
 
 
 @pytest.fixture(scope="module")
 def llm(ckpt):
+    # 192 tokens a step: a prompt with a long text before its image is prefilled in chunks, and
+    # the image must not be split between two of them
+    # and the head in 6 tiles with 4 denoising steps per engine step (test_engine_with_head_tiles_*)
     engine = start_llm(ckpt, block_size=32, enable_prefix_caching=True,
-                       limit_mm_per_prompt={"image": 2})
+                       limit_mm_per_prompt={"image": 2}, max_num_batched_tokens=STEP_TOKENS,
+                       hf_overrides={"dgemma_head_tile": 100, "dgemma_steps_per_engine_step": 4})
     yield engine
     stop_llm(engine)
 
@@ -89,6 +99,8 @@ def test_batch_with_one_two_and_no_images_equals_reference(llm, model, ckpt):
         (TURN.format("<|image|> and <|image|> Compare them."), ["b", "c"], 12, 32, 3),
         (TURN.format("Why is the sky blue?"), [], 13, 36, 4),
         (TURN.format("Describe <|image|> briefly."), ["c"], 14, 20, 5),
+        # ~165 text tokens, then the image: a chunk of STEP_TOKENS would end inside it
+        (TURN.format(LONG_TEXT + " <|image|> What is it?"), ["a"], 15, 24, 3),
     ]
     inputs = [{"prompt": p, "multi_modal_data": {"image": [IMAGES[k] for k in ims]}} if ims
               else {"prompt": p} for p, ims, *_ in cases]
@@ -101,6 +113,9 @@ def test_batch_with_one_two_and_no_images_equals_reference(llm, model, ckpt):
         images = [IMAGES[k] for k in ims]
         ids = expanded(llm, ckpt, model, p, images)
         assert list(o.prompt_token_ids) == ids, p
+        if LONG_TEXT in p:  # the image straddles the first chunk's end
+            rows = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+            assert rows[0] < STEP_TOKENS <= rows[-1], rows
         want = reference_tokens(model, ckpt, ids, images, seed, mt, steps)
         assert list(o.outputs[0].token_ids) == want, p
         if ims:  # the check can fail: plain Gemma 4's image mask gives other tokens
@@ -128,18 +143,24 @@ def test_chat_message_with_an_image_part(llm, model, ckpt):
 
 def test_soft_token_budget_per_request(llm, model, ckpt):
     """``mm_processor_kwargs={"max_soft_tokens": 140}``: the image is resized to that budget, as
-    transformers' processor does with the same setting; tokens equal the reference's."""
+    transformers' processor does with the same setting; in one batch with a request at the
+    default budget (70: the vision tower gets images of two patch counts), both equal the
+    reference's tokens."""
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=20, seed=41, extra_args={"diffusion_max_steps": 3})
-    o = llm.generate([{"prompt": TURN.format("<|image|>What is it?"),
-                       "multi_modal_data": {"image": IMAGES["b"]},
-                       "mm_processor_kwargs": {"max_soft_tokens": 140}}], sp, use_tqdm=False)[0]
-    ids = list(o.prompt_token_ids)
-    n = ref.pixel_inputs(str(ckpt), [IMAGES["b"]], 140)["num_soft_tokens"][0]
-    assert ids.count(model.config.image_token_id) == n > 70
-    assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, ids, [IMAGES["b"]], 41,
-                                                            20, 3, budget=140)
+    outs = llm.generate([{"prompt": TURN.format("<|image|>What is it?"),
+                          "multi_modal_data": {"image": IMAGES["b"]},
+                          "mm_processor_kwargs": {"max_soft_tokens": budget}} if budget else
+                         {"prompt": TURN.format("<|image|>What is it?"),
+                          "multi_modal_data": {"image": IMAGES["c"]}}
+                         for budget in (140, None)], sp, use_tqdm=False)
+    for o, img, budget in zip(outs, "bc", (140, None)):
+        ids = list(o.prompt_token_ids)
+        n = ref.pixel_inputs(str(ckpt), [IMAGES[img]], budget)["num_soft_tokens"][0]
+        assert ids.count(model.config.image_token_id) == n and (n > 70) == bool(budget)
+        assert list(o.outputs[0].token_ids) == reference_tokens(model, ckpt, ids, [IMAGES[img]],
+                                                                41, 20, 3, budget=budget), img
 
 
 def test_image_features_equal_reference(llm, model, ckpt):
@@ -192,7 +213,7 @@ def test_prefix_caching_keeps_images_apart(llm, model, ckpt):
 
 
 @pytest.mark.parametrize("case", ["too_many", "no_placeholder", "placeholder_without_image",
-                                  "budget", "processor_kwarg"])
+                                  "budget", "budget_past_the_step", "processor_kwarg"])
 def test_bad_image_input_is_refused_and_the_engine_serves_on(llm, case):
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
@@ -203,12 +224,16 @@ def test_bad_image_input_is_refused_and_the_engine_serves_on(llm, case):
         "no_placeholder": (TURN.format("no image marker here"), ["a"], ("placeholder",)),
         "placeholder_without_image": (TURN.format("<|image|> here"), [], ("image",)),
         "budget": (TURN.format("<|image|>"), ["a"], ("max_soft_tokens", "70, 140")),
+        # 560 soft tokens cannot be prefilled in one step of STEP_TOKENS (an image is never split):
+        # refused by vLLM's encoder-cache check, not left waiting
+        "budget_past_the_step": (TURN.format("<|image|>"), ["b"], ("encoder cache",)),
         "processor_kwarg": (TURN.format("<|image|>"), ["a"], ("do_resize", "not supported")),
     }[case]
     request = {"prompt": prompt}
-    if case in ("budget", "processor_kwarg"):
-        request["mm_processor_kwargs"] = {"max_soft_tokens": 100} if case == "budget" else {
-            "do_resize": False}
+    if case.startswith(("budget", "processor")):
+        request["mm_processor_kwargs"] = {"budget": {"max_soft_tokens": 100},
+                                          "budget_past_the_step": {"max_soft_tokens": 560},
+                                          "processor_kwarg": {"do_resize": False}}[case]
     if images:
         request["multi_modal_data"] = {"image": [IMAGES[k] for k in images]}
     with pytest.raises((ValueError, VLLMValidationError)) as err:
@@ -229,3 +254,27 @@ def test_image_example_runs(llm):
     spec.loader.exec_module(mod)
     texts = mod.run_offline(llm, mod.demo_image())
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_engine_with_head_tiles_and_step_groups_equals_reference(llm, model):
+    """Text requests on this module's engine (`dgemma_head_tile` 100: the tiny vocabulary of 512
+    in 6 tiles, the last partial; 4 denoising steps per engine step): seeded tokens equal the
+    reference's, and steps did run inside engine steps (the image tests run on the same settings:
+    a multimodal model's forward takes embeddings, which the grouped steps write)."""
+    from vllm import SamplingParams
+
+    prompts = [[(17 * i + 3 * j) % 500 + 5 for j in range(4 + 11 * i)] for i in range(4)]
+    params = [SamplingParams(max_tokens=40, seed=70 + i, extra_args={"diffusion_max_steps": 6})
+              for i in range(4)]
+    from dgemma_vllm.engine.stats import runner_stats
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    counters = runner_stats(llm)
+    unseeded = llm.generate([{"prompt_token_ids": prompts[0]}] * 2,
+                            SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False)
+    for p, sp, o in zip(prompts, params, outs):
+        want = ref.expected_tokens(model, p, sp.seed, 40, EOS_IDS, max_denoising_steps=6)
+        assert list(o.outputs[0].token_ids) == want
+    assert counters["inner_steps"] > 0, counters
+    assert all(len(o.outputs[0].token_ids) == 24 for o in unseeded)
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids

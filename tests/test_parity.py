@@ -156,7 +156,6 @@ CASES = {
     "tiny": dict(geometry="tiny", ckpt={}, engine={}),
     "small": dict(geometry="small", ckpt={}, engine={}),
     "tiny_alt": dict(geometry="tiny_alt", ckpt={}, engine={}),
-    "tiny_sharded": dict(geometry="tiny", ckpt={"max_shard_size": "300KB"}, engine={}),
 }
 
 

@@ -317,7 +317,9 @@ class DGemmaRunnerMixin:
                 self.dg_finished[req_id] = st.stats()
                 while len(self.dg_finished) > 4096:
                     self.dg_finished.pop(next(iter(self.dg_finished)))
-        return super()._update_states(scheduler_output)
+        out = super()._update_states(scheduler_output)
+        V.drop_request_generators(self.input_batch)  # unused; vLLM's rewind of them fails on CPU
+        return out
 
     # ------------------------------------------------------------------ LoRA
     def load_lora_model(self, model, vllm_config, device):

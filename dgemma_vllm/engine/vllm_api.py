@@ -537,3 +537,14 @@ def limit_prefix_hits(kv_cache_manager, limit) -> None:
         return blocks, hit, boundary
 
     kv_cache_manager.get_computed_blocks = get_computed_blocks
+
+
+def drop_request_generators(input_batch) -> None:
+    """Forget vLLM's per-request sampling generators (``InputBatch.generators``: row -> a
+    ``torch.Generator`` for each seeded request, v1/worker/gpu_input_batch.py). The plugin draws
+    every seeded request's noise from its own generators (refine/sampler.py), so vLLM's are never
+    drawn from; but vLLM's bookkeeping rewinds them for rows whose prefill is still partial
+    (``gen.set_offset(gen.get_offset() - 4)``, gpu_model_runner.py:3502), which a CPU generator
+    does not support ("CPU Generator does not use offset"): a seeded request whose prompt is
+    prefilled in chunks would end the engine."""
+    input_batch.generators.clear()

@@ -286,11 +286,16 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V
         if pixels is None:
             return []
         positions = kwargs["pixel_position_ids"]
-        if isinstance(pixels, (list, tuple)):
-            pixels, positions = torch.stack(list(pixels)), torch.stack(list(positions))
         tower = self.vision_tower
         dtype = next(tower.parameters()).dtype
-        feats = tower(pixel_values=pixels.to(dtype), pixel_position_ids=positions).last_hidden_state
+
+        def encode(px, pos):  # [images, patches, 3 * patch**2] -> [their soft tokens, vision hidden]
+            return tower(pixel_values=px.to(dtype), pixel_position_ids=pos).last_hidden_state
+
+        if isinstance(pixels, (list, tuple)):  # images of different budgets: one by one
+            feats = torch.cat([encode(px[None], pos[None]) for px, pos in zip(pixels, positions)])
+        else:
+            feats = encode(pixels, positions)
         counts = [int(n) for n in kwargs["num_soft_tokens"]]
         if sum(counts) != feats.shape[0]:
             raise ValueError(f"dgemma_vllm: the vision tower gave {feats.shape[0]} soft tokens for "
