@@ -161,18 +161,30 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         self._fix_canvas_rows(layer, query, kv_cache, md, out)
         return out
 
+    def _paged(self, layer, kv_cache, md):
+        """The step's query starts and sequence lengths (host), and a reader of K/V at positions
+        of one sequence from the paged cache: ``read(i, pos) -> (k, v)``, float32
+        ``[heads, n, head_dim]`` with the KV heads repeated for the query heads."""
+        qsl = md.query_start_loc.tolist()
+        seq_lens = md.seq_lens.tolist()
+        nb, h, bs, _ = kv_cache.shape
+        k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
+        k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, self.head_size)  # probed at start-up
+        rep = self.num_heads // self.num_kv_heads
+
+        def read(i: int, pos: torch.Tensor):
+            slots = _kv_slots(md, i, pos, bs)
+            return tuple(_gather(c, slots, p).float().transpose(0, 1).repeat_interleave(rep, 0)
+                         for c, p in ((k_cache, k_pos), (v_cache, v_pos)))
+
+        return qsl, seq_lens, read
+
     def _fix_image_rows(self, layer, query, kv_cache, md, out):
         """Each image's query rows again, with DiffusionGemma's image mask (module docstring),
         over keys read back from the paged cache (the kernel has written this step's K/V)."""
         w = self.sliding_window
         windowed = w not in (None, -1)
-        qsl = md.query_start_loc.tolist()
-        seq_lens = md.seq_lens.tolist()
-        nb, h, bs, _ = kv_cache.shape
-        k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
-        d = self.head_size
-        k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, d)  # probed at start-up
-        rep = self.num_heads // self.num_kv_heads
+        qsl, seq_lens, read = self._paged(layer, kv_cache, md)
         for i, s, e in md.dg_images:
             q0 = qsl[i]
             first = seq_lens[i] - (qsl[i + 1] - q0)  # position of the sequence's first query
@@ -180,11 +192,9 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             lo = max(0, p0 - w + 1) if windowed else 0
             kpos = torch.arange(lo, p1 + 1, dtype=torch.long)
             qpos = torch.arange(p0, p1 + 1, dtype=torch.long)
-            slots = _kv_slots(md, i, kpos, bs)
-            k = _gather(k_cache, slots, k_pos).float().transpose(0, 1).repeat_interleave(rep, 0)
-            v = _gather(v_cache, slots, v_pos).float().transpose(0, 1).repeat_interleave(rep, 0)
+            k, v = read(i, kpos)
             rows = slice(q0 + p0 - first, q0 + p1 - first + 1)
-            q = query[rows].view(-1, self.num_heads, d).float().transpose(0, 1)
+            q = query[rows].view(-1, self.num_heads, self.head_size).float().transpose(0, 1)
             dist = qpos[:, None] - kpos[None, :]
             seen = dist >= 0
             if windowed:
@@ -198,12 +208,7 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         canvas = (md.dynamic_causal == 0).nonzero().flatten().tolist()
         if not canvas:
             return
-        qsl = md.query_start_loc.tolist()
-        seq_lens = md.seq_lens.tolist()
-        nb, h, bs, _ = kv_cache.shape
-        k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
-        d = self.head_size
-        k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, d)  # probed at start-up
+        qsl, seq_lens, read = self._paged(layer, kv_cache, md)
         for i in canvas:
             q0, q1 = qsl[i], qsl[i + 1]
             c = q1 - q0
@@ -212,14 +217,8 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             if prefix + c <= w:  # the kernel's symmetric window already sees every key
                 continue
             start = max(0, prefix - w + 1)
-            pos = torch.arange(start, seq, dtype=torch.long)
-            slots = _kv_slots(md, i, pos, bs)
-            k = _gather(k_cache, slots, k_pos).float()  # [n, kvh, d]
-            v = _gather(v_cache, slots, v_pos).float()
-            q = query[q0:q1].view(c, self.num_heads, d).float()
-            rep = self.num_heads // self.num_kv_heads
-            k = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, n, d]
-            v = v.transpose(0, 1).repeat_interleave(rep, dim=0)
+            k, v = read(i, torch.arange(start, seq, dtype=torch.long))  # [H, n, d]
+            q = query[q0:q1].view(c, self.num_heads, self.head_size).float()
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, scale=self.scale)
             out[q0:q1] = o.transpose(0, 1).reshape(out[q0:q1].shape).to(out.dtype)
 
