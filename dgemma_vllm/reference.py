@@ -84,11 +84,18 @@ def expected_tokens(model, prompt_ids: list[int], seed: int, max_tokens: int, eo
                     **gen_kwargs) -> list[int]:
     """What a vLLM request must return: the reference's new tokens up to and including its
     first EOS (the reference keeps the EOS and pads after it), at most `max_tokens`."""
-    toks = generate(model, prompt_ids, seed, max_new_tokens=max_tokens, **gen_kwargs)[:max_tokens]
-    for i, t in enumerate(toks):
+    toks = generate(model, prompt_ids, seed, max_new_tokens=max_tokens, **gen_kwargs)
+    return until_eos(toks, max_tokens, eos_ids)
+
+
+def until_eos(tokens: list[int], max_tokens: int, eos_ids) -> list[int]:
+    """The reference's new tokens as a vLLM request returns them: up to and including the first
+    EOS, at most `max_tokens`."""
+    tokens = tokens[:max_tokens]
+    for i, t in enumerate(tokens):
         if t in eos_ids:
-            return toks[: i + 1]
-    return toks
+            return tokens[: i + 1]
+    return tokens
 
 
 # ----------------------------------------------------------------------------- images

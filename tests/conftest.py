@@ -44,6 +44,16 @@ def start_llm(path, *, capture_dir: str | None = None, **kwargs):
                 os.environ["DGEMMA_CAPTURE_DIR"] = old
 
 
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def stop_llm(llm) -> None:
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import start_llm, stop_llm
+from conftest import load_example, start_llm, stop_llm
 from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS
 
@@ -155,18 +155,7 @@ def test_shorter_canvas_per_request(llm, model):
 
 
 def test_examples_run_on_the_shared_engine(llm, tiny_ckpt):
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "examples"
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    texts = load("offline_generate").run(llm)
+    texts = load_example("offline_generate").run(llm)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
-    ids = load("infill_pinned").run(llm, 16)
+    ids = load_example("infill_pinned").run(llm, 16)
     assert len(ids) == 16

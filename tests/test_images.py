@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import checkpoint, start_llm, stop_llm
+from conftest import checkpoint, load_example, start_llm, stop_llm
 from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS
 
@@ -68,19 +68,12 @@ def model(ckpt):
     return ref.load_reference(str(ckpt))
 
 
-def cut(tokens: list[int], max_tokens: int) -> list[int]:
-    tokens = tokens[:max_tokens]
-    for i, t in enumerate(tokens):
-        if t in EOS_IDS:
-            return tokens[: i + 1]
-    return tokens
-
-
 def reference_tokens(model, ckpt, prompt_ids, images, seed, max_tokens, steps, budget=None, **kw):
     pixels = ref.pixel_inputs(str(ckpt), images, budget) if images else None
-    return cut(ref.generate_with_images(model, prompt_ids, pixels, seed,
-                                        max_new_tokens=max_tokens, max_denoising_steps=steps, **kw),
-               max_tokens)
+    return ref.until_eos(ref.generate_with_images(model, prompt_ids, pixels, seed,
+                                                  max_new_tokens=max_tokens,
+                                                  max_denoising_steps=steps, **kw),
+                         max_tokens, EOS_IDS)
 
 
 def expanded(llm, ckpt, model, text, images):
@@ -245,13 +238,7 @@ def test_bad_image_input_is_refused_and_the_engine_serves_on(llm, case):
 
 
 def test_image_example_runs(llm):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "image_request.py"
-    spec = importlib.util.spec_from_file_location("image_request", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("image_request")
     texts = mod.run_offline(llm, mod.demo_image())
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +14,7 @@ import requests
 from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS
 from dgemma_vllm.cli import serve_subprocess
+from conftest import load_example
 from test_lora import adapters as lora_adapters
 
 XARGS = {"diffusion_max_steps": 3}
@@ -468,23 +468,12 @@ def test_abort_in_the_middle_of_a_canvas(server, client):
 
 
 def test_openai_streaming_example(server):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "openai_chat_stream.py"
-    spec = importlib.util.spec_from_file_location("openai_chat_stream", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    text = mod.run(f"{server}/v1")
+    text = load_example("openai_chat_stream").run(f"{server}/v1")
     assert isinstance(text, str) and text
 
 
 def test_image_example_through_the_openai_client(server, client):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "image_request.py"
-    spec = importlib.util.spec_from_file_location("image_request", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("image_request")
     text = mod.run_openai(server, mod.demo_image(), "tiny")
     assert isinstance(text, str)
 

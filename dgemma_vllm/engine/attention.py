@@ -122,21 +122,24 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torc
     return flat[blk[:, None, None], heads[None, :, None], pos.to(cache.device)[off][:, None, :]]
 
 
-def image_blocks(cm) -> list[tuple[int, int, int]] | None:
-    """``(sequence, first, last)`` (positions, inclusive) of each image of vLLM's
-    ``mm_req_doc_ranges`` that this step's queries of that sequence meet; None when none does."""
+def image_blocks(cm) -> list[tuple[int, int, int, int, int]] | None:
+    """Each image of vLLM's ``mm_req_doc_ranges`` that this step's queries meet, as
+    ``(sequence, image start, first query, last query, first query's row)`` (positions,
+    inclusive; the row in the step's flat batch); None when there is none."""
     ranges = cm.mm_req_doc_ranges
     if not ranges:
         return None
     qsl = cm.query_start_loc_cpu.tolist()
-    src = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
-    seq = src[: cm.num_reqs].tolist()
+    seq = vllm_api.host_seq_lens(cm)
     out = []
     for i, spans in ranges.items():
         if i >= cm.num_reqs:
             continue
-        first = seq[i] - (qsl[i + 1] - qsl[i])
-        out += [(i, s, e) for s, e in spans if s < seq[i] and e >= first]
+        first = seq[i] - (qsl[i + 1] - qsl[i])  # position of the sequence's first query
+        for s, e in spans:
+            p0, p1 = max(s, first), min(e, seq[i] - 1)  # the image's queries in this step
+            if p0 <= p1:
+                out.append((i, s, p0, p1, qsl[i] + p0 - first))
     return out or None
 
 
@@ -184,16 +187,13 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         over keys read back from the paged cache (the kernel has written this step's K/V)."""
         w = self.sliding_window
         windowed = w not in (None, -1)
-        qsl, seq_lens, read = self._paged(layer, kv_cache, md)
-        for i, s, e in md.dg_images:
-            q0 = qsl[i]
-            first = seq_lens[i] - (qsl[i + 1] - q0)  # position of the sequence's first query
-            p0, p1 = max(s, first), min(e, seq_lens[i] - 1)  # this image's queries in the step
+        _, _, read = self._paged(layer, kv_cache, md)
+        for i, s, p0, p1, row in md.dg_images:
             lo = max(0, p0 - w + 1) if windowed else 0
             kpos = torch.arange(lo, p1 + 1, dtype=torch.long)
             qpos = torch.arange(p0, p1 + 1, dtype=torch.long)
             k, v = read(i, kpos)
-            rows = slice(q0 + p0 - first, q0 + p1 - first + 1)
+            rows = slice(row, row + p1 - p0 + 1)
             q = query[rows].view(-1, self.num_heads, self.head_size).float().transpose(0, 1)
             dist = qpos[:, None] - kpos[None, :]
             seen = dist >= 0
@@ -235,12 +235,14 @@ class DGemmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if not (images or window):
             return
         if self.kv_cache_dtype not in ("auto", None) and "fp8" in str(self.kv_cache_dtype):
-            what = ("the exact canvas window" if window else "image attention") + \
-                " reads the KV cache back and"
-            fix = "dgemma_canvas_window='symmetric'" if window and not images else \
-                "--limit-mm-per-prompt '{\"image\": 0}' (text only)"
-            raise ValueError(f"dgemma_vllm: {what} does not read kv_cache_dtype="
-                             f"{self.kv_cache_dtype!r}; use kv_cache_dtype='auto' or {fix}")
+            uses = [(what, fix) for on, what, fix in (
+                (window, "the exact canvas window", "dgemma_canvas_window='symmetric'"),
+                (images, "image attention", "--limit-mm-per-prompt '{\"image\": 0}' (text only)"))
+                if on]
+            verb = "reads" if len(uses) == 1 else "read"
+            raise ValueError(f"dgemma_vllm: {' and '.join(w for w, _ in uses)} {verb} the KV "
+                             f"cache back and cannot read kv_cache_dtype={self.kv_cache_dtype!r}; "
+                             f"use kv_cache_dtype='auto' or {' and '.join(f for _, f in uses)}")
         kv_layout(self.isa, self.dtype, self.block_size, self.head_dim)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):

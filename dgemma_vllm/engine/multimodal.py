@@ -69,16 +69,16 @@ class DGemmaProcessingInfo(V.BaseProcessingInfo):
         if not self.has_vision():
             return 0
         merged = self.ctx.get_merged_mm_kwargs(mm_kwargs or {})
-        images_kwargs = merged.get("images_kwargs")
+        scoped = merged.get("images_kwargs")
+        scoped = scoped if isinstance(scoped, Mapping) else {}
         unknown = sorted(set(merged) - {"max_soft_tokens", "images_kwargs"}) + sorted(
-            f"images_kwargs.{k}" for k in (images_kwargs if isinstance(images_kwargs, Mapping)
-                                           else {}) if k != "max_soft_tokens")
+            f"images_kwargs.{k}" for k in scoped if k != "max_soft_tokens")
         if unknown:
             raise ValueError(f"mm_processor_kwargs: {unknown[0]!r} is not supported (the image "
                              "processor takes max_soft_tokens only)")
         val = merged.get("max_soft_tokens")
-        if val is None and isinstance(merged.get("images_kwargs"), Mapping):
-            val = merged["images_kwargs"].get("max_soft_tokens")
+        if val is None:
+            val = scoped.get("max_soft_tokens")
         if val is None:
             return int(self.image_processor.max_soft_tokens)
         if isinstance(val, bool) or val not in SUPPORTED_SOFT_TOKENS:

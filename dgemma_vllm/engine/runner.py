@@ -59,7 +59,7 @@ def split_fused(cm, causal: torch.Tensor, split: dict[int, int]):
     turns fusion off at start-up for a vLLM whose metadata has fields beyond those)."""
     n = cm.num_reqs
     qsl = cm.query_start_loc_cpu.tolist()
-    seq_cpu = _host_seq_lens(cm)
+    seq_cpu = V.host_seq_lens(cm)
     idx, new_qsl, new_seq, new_causal = [], [0], [], []
     flags = causal.tolist()
     for r in range(n):
@@ -120,7 +120,7 @@ def reference_window_metadata(cm, window: int, flags: list[int] | None = None):
     if flags is None:
         flags = cm.causal.tolist() if isinstance(cm.causal, torch.Tensor) else [1] * cm.num_reqs
     qsl = cm.query_start_loc_cpu.tolist()
-    seq = _host_seq_lens(cm)
+    seq = V.host_seq_lens(cm)
     ranges = {k: list(v) for k, v in (cm.mm_req_doc_ranges or {}).items()}
     for i, causal in enumerate(flags):
         if not causal:
@@ -138,13 +138,6 @@ def assemble_soft(softs, hidden: int, device) -> torch.Tensor | None:
     if like is None:
         return None
     return torch.cat([s if s is not None else like.new_zeros(n, hidden) for s, n in softs]).to(device)
-
-
-def _host_seq_lens(cm) -> list[int]:
-    """The sequences' lengths from the host mirror (synchronous scheduling: vLLM's "upper
-    bound" is exact), without reading ``seq_lens`` back from the device where it has one."""
-    src = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
-    return src[: cm.num_reqs].tolist()
 
 
 def _take_rows(v, idx: list[int]):

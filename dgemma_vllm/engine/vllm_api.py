@@ -137,6 +137,14 @@ SPLIT_DROPPED_FIELDS = ("_num_computed_tokens_cache", "_token_to_req_indices_cac
 SPLIT_REFUSED_FIELDS = ("dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound")
 
 
+def host_seq_lens(cm) -> list[int]:
+    """A ``CommonAttentionMetadata``'s sequence lengths from the host mirror (synchronous
+    scheduling: vLLM's "upper bound" is exact), without reading ``seq_lens`` back from the device
+    where it has one."""
+    src = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
+    return src[: cm.num_reqs].tolist()
+
+
 def unknown_attention_metadata_fields() -> list[str]:
     """Fields of this vLLM's CommonAttentionMetadata the split does not know (a newer vLLM):
     the config hook then turns commit fusion off rather than guess (start-up, not per step)."""
