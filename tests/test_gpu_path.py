@@ -154,6 +154,40 @@ def test_quantized_head_or_embedding_is_refused():
         refuse_quantized_head(plain, SimpleNamespace(quant_method=Fp8LinearMethod()))
 
 
+def _compile_cfg(eager=False, lora=None, mode=None):
+    return SimpleNamespace(model_config=SimpleNamespace(enforce_eager=eager), lora_config=lora,
+                           compilation_config=SimpleNamespace(cudagraph_mode=mode))
+
+
+def test_compiled_by_default_piecewise_graphs_on_gpu_and_lora_eager():
+    """The forward compiles unless --enforce-eager (CPU: as asked; GPU: piecewise CUDA graphs as
+    the default, full graphs refused naming cudagraph_mode); LoRA runs eagerly on both."""
+    from vllm.config import CUDAGraphMode
+
+    from dgemma_vllm.engine.config import compile_checks
+
+    cpu = _compile_cfg()
+    compile_checks(cpu, cpu=True)
+    assert cpu.model_config.enforce_eager is False and cpu.compilation_config.cudagraph_mode is None
+    gpu = _compile_cfg()
+    compile_checks(gpu, cpu=False)
+    assert gpu.model_config.enforce_eager is False
+    assert gpu.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    for ok in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):
+        cfg = _compile_cfg(mode=ok)
+        compile_checks(cfg, cpu=False)
+        assert cfg.compilation_config.cudagraph_mode == ok
+    for full in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY,
+                 CUDAGraphMode.FULL_AND_PIECEWISE):
+        with pytest.raises(ValueError, match=f"cudagraph_mode={full.name}"):
+            compile_checks(_compile_cfg(mode=full), cpu=False)
+    compile_checks(_compile_cfg(eager=True, mode=CUDAGraphMode.FULL), cpu=False)  # eager: no graphs
+    for on_cpu in (True, False):
+        lora = _compile_cfg(lora=object(), mode=CUDAGraphMode.FULL)
+        compile_checks(lora, cpu=on_cpu)
+        assert lora.model_config.enforce_eager is True
+
+
 def test_self_conditioning_input_stays_on_the_model_device():
     """A batch with a canvas on its first step (no soft embeddings yet) next to older canvases:
     the zeros are made on the device of the others (fake CUDA tensors raise on a host tensor in

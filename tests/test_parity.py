@@ -154,9 +154,18 @@ def run_captured(path, reqs: list[Req], capture, **engine):
 
 CASES = {
     "tiny": dict(geometry="tiny", ckpt={}, engine={}),
+    # vLLM's default: the forward compiled (torch.compile, inductor); the other cases run eagerly
+    # (their engines start in half the time). Same tokens and the same 1e-4 logits tolerance.
+    # With the others' 0.1 share of memory (0.76 GiB here) vLLM found no room for the KV cache
+    # after the compiled start-up (-0.12 GiB; the cause not isolated), hence 0.2.
+    "tiny_compiled": dict(geometry="tiny", ckpt={},
+                          engine={"enforce_eager": False, "gpu_memory_utilization": 0.2}),
     "small": dict(geometry="small", ckpt={}, engine={}),
     "tiny_alt": dict(geometry="tiny_alt", ckpt={}, engine={}),
 }
+
+
+_REFERENCE: dict = {}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -164,10 +173,15 @@ def run(request, tmp_path_factory):
     case = CASES[request.param]
     geometry = case["geometry"]
     path = checkpoint(geometry, **case["ckpt"])
-    model = ref.load_reference(str(path))
-    reqs, want = map(list, zip(*(tie_free(model, r) for r in make_requests(geometry))))
-    reqs.append(find_eos_request(model, geometry))
-    want.append(expected_tokens(model, reqs[-1]))
+    key = (geometry, tuple(sorted(case["ckpt"].items())))
+    if key not in _REFERENCE:  # the compiled case reuses the eager case's reference runs
+        model = ref.load_reference(str(path))
+        reqs, want = map(list, zip(*(tie_free(model, r) for r in make_requests(geometry))))
+        reqs.append(find_eos_request(model, geometry))
+        want.append(expected_tokens(model, reqs[-1]))
+        _REFERENCE.clear()  # one reference model held at a time
+        _REFERENCE[key] = (model, reqs, want)
+    model, reqs, want = _REFERENCE[key]
     capture = tmp_path_factory.mktemp(f"capture_{request.param}")
     got, req_ids, caps = run_captured(path, reqs, capture, **case["engine"])
     yield dict(name=request.param, geometry=geometry, model=model, reqs=reqs, want=want, got=got,

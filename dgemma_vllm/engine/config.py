@@ -123,6 +123,41 @@ def _fa4_supported() -> bool:
         return False
 
 
+def compile_checks(vllm_config, cpu: bool) -> None:
+    """The model forward compiles as vLLM compiles its own models unless ``--enforce-eager``
+    (model/dgemma.py, ``DecoderStack``): torch.compile (inductor) on the CPU; on a GPU piecewise
+    CUDA graphs, split at the attention op. Two exceptions, decided here at start-up:
+
+    - LoRA adapters run eagerly (``enforce_eager`` is set, with a log line): the adapters' per-row
+      mapping (Punica's token indices, rebuilt by the runner every step) has not been proven under
+      the plugin's compiled stack on either platform;
+    - full CUDA graphs (``cudagraph_mode`` FULL, FULL_DECODE_ONLY or FULL_AND_PIECEWISE, the
+      latter vLLM's default) would capture the attention call with the metadata of the capture
+      batch, while the plugin rewrites that metadata every step (per-request causal flags, the
+      canvas window's prefix ranges, the fused-commit split): the default becomes PIECEWISE and an
+      explicit full mode is refused."""
+    mc = vllm_config.model_config
+    if mc.enforce_eager:
+        return
+    if getattr(vllm_config, "lora_config", None) is not None:
+        logger.info("dgemma_vllm: LoRA adapters run the model eagerly (enforce_eager=True)")
+        mc.enforce_eager = True
+        return
+    if cpu:
+        return
+    from vllm.config import CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    mode = cc.cudagraph_mode
+    if mode is None:
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        raise ValueError(
+            f"dgemma_vllm: cudagraph_mode={mode.name} captures the attention call, whose metadata "
+            "the plugin rewrites every step; use PIECEWISE (the plugin's default), NONE, or "
+            "--enforce-eager")
+
+
 def gpu_config_checks(vllm_config) -> None:
     """What the plugin's GPU path can serve, decided at start-up (the plugin's hook replaces
     vLLM's own DiffusionGemma hook, so its FlashInfer refusal and FA4 choice are made here):
@@ -288,11 +323,7 @@ class DGemmaConfigHook(V.VerifyAndUpdateConfig):
         if hasattr(sched, "disable_chunked_mm_input"):
             sched.disable_chunked_mm_input = True
         mc = vllm_config.model_config
-        # The runner hands per-step inputs (canvas rows, self-conditioning, per-mode layer
-        # scalars) to the model outside the traced graph: run eagerly (no torch.compile / graphs).
-        if not mc.enforce_eager:
-            logger.info("dgemma_vllm: running the model eagerly (enforce_eager=True)")
-            mc.enforce_eager = True
+        compile_checks(vllm_config, current_platform.is_cpu())
         if mc.max_model_len < canvas_length_of(mc.hf_config) + 1:
             raise ValueError(f"max_model_len ({mc.max_model_len}) must exceed the canvas length "
                              f"({canvas_length_of(mc.hf_config)})")

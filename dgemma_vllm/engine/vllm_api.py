@@ -428,6 +428,7 @@ def lora_serving_models_class():
 # attention metadata, gpu_model_runner.py:3412).
 from vllm.distributed import get_pp_group  # noqa: F401,E402
 from vllm.model_executor.models.interfaces import SupportsPP  # noqa: F401,E402
+from vllm.sequence import IntermediateTensors  # noqa: F401,E402
 
 
 def pp_ranks() -> tuple[int, bool, bool]:
@@ -556,3 +557,18 @@ def drop_request_generators(input_batch) -> None:
     does not support ("CPU Generator does not use offset"): a seeded request whose prompt is
     prefilled in chunks would end the engine."""
     input_batch.generators.clear()
+
+
+# ----------------------------------------------------------------------------- compilation
+# The plugin's decoder stack (model/dgemma.py, ``DecoderStack``) is compiled the way vLLM compiles
+# its own models: ``support_torch_compile`` (compilation/decorators.py:120) wraps the class so that
+# its first call traces ``forward`` with dynamo (fullgraph, guards dropped:
+# ``TorchCompileWithNoGuardsWrapper``) and hands the graph to vLLM's backend (inductor on the CPU;
+# piecewise CUDA graphs split at the attention op on a GPU). Every tensor argument named in
+# ``dynamic_arg_dims`` gets a symbolic size on the named dimension; any other argument is baked in
+# with the sizes of the first call, so per-step inputs must be named there or have fixed shapes.
+# The decorator disables itself when ``compilation_config.mode`` is NONE (``--enforce-eager``).
+# Attention is an opaque custom op on the CPU (``CpuPlatform.opaque_attention_op`` is True,
+# platforms/cpu.py:619) and on CUDA (split point of the piecewise graph): the plugin's attention
+# code (engine/attention.py) runs eagerly inside the compiled forward.
+from vllm.compilation.decorators import support_torch_compile  # noqa: F401,E402

@@ -166,6 +166,46 @@ def _experts_without_lora(vllm_config):
             object.__setattr__(c, "lora_config", lora)
 
 
+@V.support_torch_compile(dynamic_arg_dims={"positions": -1, "hidden_states": 0, "soft": 0,
+                                           "canvas": 0})
+class DecoderStack(nn.Module):
+    """The self-conditioning MLP (first stage), this stage's decoder layers and (last stage) the
+    final norm, as one compiled region.
+
+    Why not vLLM's ``Gemma4Model.forward`` (compiled the same way): it multiplies each layer's
+    output by the layer's ``layer_scalar`` buffer, one value for the whole batch, while a
+    DiffusionGemma batch mixes encoder rows (the encoder's scalar set) and canvas rows (the
+    decoder's). Here the layers' own buffers stay 1.0 (``x * 1.0 == x``, exactly) and each layer's
+    output is multiplied by ``where(canvas, decoder scalar, encoder scalar)`` per row. Every
+    per-step input is a graph input with the batch's symbolic size, so one graph serves every
+    batch: the rows' mode (``canvas``, ``[tokens, 1]`` bool) and the self-conditioning input
+    (``soft``, ``[tokens, hidden]``, zeros outside canvas rows and on a canvas's first step: the
+    reference feeds zeros there, and ``MLP(pre_norm(0)) = 0`` exactly); the scalars are a fixed
+    ``[2, layers]`` buffer. The self-conditioning MLP thus runs on every row of the batch and
+    its result is kept on canvas rows only (on a prefill chunk that is one dense MLP more over
+    the chunk's rows, next to the backbone's one per layer). The layers stay registered in
+    ``Gemma4Model`` and the MLP in the model class (checkpoint, LoRA and attention-layer names
+    unchanged): this module holds plain references.
+    """
+
+    def __init__(self, *, vllm_config, prefix: str = "", backbone=None, self_conditioning=None,
+                 first: bool = True, last: bool = True):
+        super().__init__()
+        self.__dict__["_backbone"] = backbone  # not submodules: names stay ``model.layers.*``
+        self.__dict__["_sc"] = self_conditioning
+        self.first, self.last = first, last
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, soft: torch.Tensor,
+                canvas: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        m, h = self._backbone, hidden_states
+        if self.first:
+            h = torch.where(canvas, self._sc(h, soft), h)
+        for i in range(m.start_layer, m.end_layer):
+            h, _ = m.layers[i](positions, h, None)
+            h = h * torch.where(canvas, scalars[1, i], scalars[0, i])
+        return m.norm(h) if self.last else h
+
+
 class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V.SupportsPP):
     """vLLM model class for ``DiffusionGemmaForBlockDiffusion`` checkpoints."""
 
@@ -239,15 +279,26 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V
             self.embed_vision = MultimodalEmbedder(vision, config)
 
         n = config.num_hidden_layers
-        # The two layer_scalar sets of the checkpoint (buffers are not tied in the reference).
-        self.register_buffer("encoder_layer_scalars", torch.ones(n), persistent=False)
-        self.register_buffer("decoder_layer_scalars", torch.ones(n), persistent=False)
+        # The two layer_scalar sets of the checkpoint (buffers are not tied in the reference):
+        # row 0 the encoder's, row 1 the decoder's; the layers' own buffers stay 1.0 (DecoderStack)
+        self.register_buffer("layer_scalars", torch.ones(2, n), persistent=False)
+        _, first, last = V.pp_ranks()
+        self.stack = DecoderStack(vllm_config=vllm_config, prefix=V.maybe_prefix(prefix, "stack"),
+                                  backbone=self.model, self_conditioning=self.self_conditioning,
+                                  first=first, last=last)
+        # per-step inputs of the compiled stack, in buffers that keep their address (a CUDA graph
+        # replays the addresses it captured): the rows' mode, the first stage's input rows and
+        # self-conditioning input (nonzero only at the previous step's canvas rows)
+        self.max_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
+        self._canvas_buf: torch.Tensor | None = None
+        self._embeds_buf: torch.Tensor | None = None
+        self._soft_buf: torch.Tensor | None = None
+        self._soft_rows: torch.Tensor | None = None
         self._step: StepInputs | None = None
         # pipeline stages: vLLM's Gemma4Model holds this stage's layers (PPMissingLayer for the
         # others) and embed_tokens on every stage; only the first embeds and self-conditions
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         self.dtype = vllm_config.model_config.dtype
-        self.lora_enabled = vllm_config.lora_config is not None
         self.sc_calls = 0  # self-conditioning MLP calls (one per forward with canvas rows)
 
     # ------------------------------------------------------------------ runner interface
@@ -305,42 +356,51 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
         step, self._step = self._step, None
-        _, first, _ = V.pp_ranks()
-        if first and inputs_embeds is None:
-            inputs_embeds = self.model.embed_input_ids(input_ids)
+        _, first, last = V.pp_ranks()
         n_tok = positions.shape[-1]
-        enc = self.encoder_layer_scalars.to(self.dtype)
-        dec = self.decoder_layer_scalars.to(self.dtype)
-        if step is not None and step.canvas_rows.numel() > 0:
-            rows = step.canvas_rows
-            if first:  # the self-conditioning MLP adds to the canvas rows' input embeddings
-                inputs_embeds = self._self_condition(inputs_embeds, rows, step.soft_embeds)
-            is_canvas = torch.zeros(n_tok, 1, dtype=torch.bool, device=positions.device)
-            is_canvas[rows] = True
-            scalars = [torch.where(is_canvas, dec[i], enc[i]) for i in range(len(enc))]
+        rows = step.canvas_rows if step is not None and step.canvas_rows.numel() > 0 else None
+        canvas = self._buffer("_canvas_buf", n_tok, 1, torch.bool, positions.device)
+        canvas.fill_(False)
+        if rows is not None:
+            canvas[rows] = True
+        if first:
+            if inputs_embeds is None:
+                inputs_embeds = self.model.embed_input_ids(input_ids)
+            hidden = self._buffer("_embeds_buf", n_tok, inputs_embeds.shape[-1],
+                                  inputs_embeds.dtype, inputs_embeds.device)
+            hidden.copy_(inputs_embeds)
+            soft = self._soft_input(n_tok, rows, None if step is None else step.soft_embeds,
+                                    hidden)
         else:
-            scalars = [enc[i].view(1) for i in range(len(enc))]
-        for i, layer in enumerate(self.model.layers):
-            if hasattr(layer, "layer_scalar"):  # this stage's layers (PPMissingLayer elsewhere)
-                layer.layer_scalar = scalars[i]
-        return self.model(None, positions, intermediate_tensors,
-                          inputs_embeds=inputs_embeds if first else None)
+            hidden = intermediate_tensors["hidden_states"]
+            soft = hidden[:, :0]  # unused on later stages (no self-conditioning there)
+        if rows is not None:
+            self.sc_calls += 1
+        out = self.stack(positions, hidden, soft, canvas, self.layer_scalars)
+        return out if last else V.IntermediateTensors({"hidden_states": out})
 
-    def _self_condition(self, inputs_embeds, rows, soft):
-        inputs_embeds = inputs_embeds.clone()
-        self.sc_calls += 1
-        soft = None if soft is None else soft.to(inputs_embeds.dtype)
-        if self.lora_enabled and soft is not None:
-            # vLLM's LoRA layers map adapters per row of the whole batch (Punica's token
-            # mapping): the self-conditioning MLP then runs on every row, zeros where there is
-            # no canvas (MLP(pre_norm(0)) = 0 with or without an adapter), and keeps the
-            # canvas rows
-            full = inputs_embeds.new_zeros(inputs_embeds.shape[0], soft.shape[-1])
-            full[rows] = soft
-            inputs_embeds[rows] = self.self_conditioning(inputs_embeds, full)[rows]
-        else:
-            inputs_embeds[rows] = self.self_conditioning(inputs_embeds[rows], soft)
-        return inputs_embeds
+    def _soft_input(self, n_tok, rows, soft, like):
+        """The self-conditioning input of this step's rows: the canvas rows' soft embeddings,
+        zeros elsewhere (the buffer is cleared where the previous step wrote)."""
+        buf = self._buffer("_soft_buf", n_tok, like.shape[-1], like.dtype, like.device)
+        if self._soft_rows is not None:
+            prev = self._soft_rows
+            self._soft_buf[prev[prev < self._soft_buf.shape[0]]] = 0
+            self._soft_rows = None
+        if rows is not None and soft is not None:
+            buf[rows] = soft.to(buf.dtype)
+            self._soft_rows = rows
+        return buf
+
+    def _buffer(self, name: str, n: int, width: int, dtype, device) -> torch.Tensor:
+        """The first ``n`` rows of a persistent ``[max tokens, width]`` buffer (remade, larger,
+        for a batch beyond it: the dummy runs of vLLM's start-up reach the largest size)."""
+        buf = getattr(self, name)
+        if buf is None or buf.shape[0] < n or buf.dtype != dtype or buf.device != device \
+                or buf.shape[1] != width:
+            buf = torch.zeros(max(n, self.max_tokens), width, dtype=dtype, device=device)
+            setattr(self, name, buf)
+        return buf[:n]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The plugin's runner computes the head itself, tiled over the vocabulary and on this
@@ -382,8 +442,7 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V
                     continue
                 if name.endswith(".layer_scalar"):
                     i = int(name.split(".layers.")[1].split(".")[0])
-                    target = (self.decoder_layer_scalars if name.startswith("model.decoder.")
-                              else self.encoder_layer_scalars)
+                    target = self.layer_scalars[1 if name.startswith("model.decoder.") else 0]
                     target[i] = tensor.reshape(()).to(target.dtype)
                     loaded_scalars.add(name)
                     continue
@@ -408,7 +467,7 @@ class DGemmaForBlockDiffusion(nn.Module, V.SupportsMultiModal, V.SupportsLoRA, V
             missing = [i for i in range(n) if f"{kind}.{i}.layer_scalar" not in loaded_scalars]
             if missing:
                 raise ValueError(f"checkpoint lacks {kind}.<i>.layer_scalar for layers {missing}")
-        # layer_scalar buffers of the layers are replaced per forward; report them as loaded.
+        # the layers' layer_scalar buffers stay 1.0 (DecoderStack applies both sets per row)
         loaded |= {f"model.layers.{i}.layer_scalar" for i in range(n)}
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")
