@@ -115,7 +115,7 @@ AR_SYSTEMS = ("ar", "ar_eager")  # the autoregressive twin: vLLM's defaults (com
 
 def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
     """The plugin with its settings (a canvas of 256 rows per request needs the larger token
-    budget; it runs eagerly), or the autoregressive twin with vLLM's defaults (`ar`: compiled, as
+    budget; compiled, vLLM's default, unless --plugin-eager), or the autoregressive twin with vLLM's defaults (`ar`: compiled, as
     `vllm serve` runs it; `ar_eager`: the same with enforce_eager, an extra row)."""
     from vllm import LLM
 
@@ -123,7 +123,8 @@ def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
               max_model_len=args.prompt_len + args.output_len + 512, seed=0,
               disable_log_stats=False)
     if diffusion:
-        kw.update(max_num_seqs=max(args.conc_list), enforce_eager=True,
+        kw.update(max_num_seqs=max(args.conc_list),
+                  enforce_eager=getattr(args, "plugin_eager", False),
                   max_num_batched_tokens=max(8192, max(args.conc_list) * 256))
     elif system == "ar_eager":
         kw.update(enforce_eager=True)
@@ -235,8 +236,10 @@ def vllm_server(path, args, system="plugin"):
                   "--max-model-len", str(args.prompt_len + args.output_len + 512),
                   "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if system == "plugin":  # as vllm_engine: the plugin's settings, vLLM's defaults for `ar`
-        serve_args += ["--max-num-seqs", str(max(args.conc_list)), "--enforce-eager",
+        serve_args += ["--max-num-seqs", str(max(args.conc_list)),
                        "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
+        if getattr(args, "plugin_eager", False):
+            serve_args += ["--enforce-eager"]
     elif system == "ar_eager":
         serve_args += ["--enforce-eager"]
     return serve_subprocess(path, serve_args, Path(args.out) / f"server_{system}_{Path(path).name}.log")
@@ -468,6 +471,9 @@ def main(argv=None):
                     help="steps for server mode (default: the first of --steps), comma list")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--plugin-eager", action="store_true",
+                    help="run the plugin eagerly (enforce_eager) instead of compiled (vLLM's "
+                         "default, the plugin's too): the before/after of the compiled forward")
     ap.add_argument("--systems", default="plugin,ar,ar_eager,reference",
                     help="plugin; ar (the autoregressive twin with vLLM's defaults: compiled); "
                          "ar_eager (the same, enforce_eager); reference (transformers' generate)")
@@ -581,6 +587,7 @@ def main(argv=None):
                 command=" ".join([Path(sys.executable).name, "benchmarks/bench.py", *(argv or sys.argv[1:])]),
                 geometry=args.geometry, dtype=args.dtype, prompt_len=args.prompt_len,
                 output_len=args.output_len, steps=steps_list,
+                plugin_compiled=not args.plugin_eager,
                 engine_start_s={k: round(v, 1) for k, v in starts.items()})
     write_report(rows, meta, out)
     print((out / "results.md").read_text())

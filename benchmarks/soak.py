@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc: the plugin's state count
     log = Path(tempfile.mkdtemp(prefix="dgemma_soak_")) / "server.log"
     args = ["--served-model-name", "soak", "--dtype", a.dtype, "--max-model-len", "512",
-            "--gpu-memory-utilization", "0.1", "--seed", "0", "--max-num-seqs", "16"]
+            "--gpu-memory-utilization", "0.2", "--seed", "0", "--max-num-seqs", "16"]
     stats = {k: {"requests": 0, "completed": 0, "errors": 0, "5xx": 0, "latencies": []} for k in KINDS}
     problems: list[str] = []
     lock = threading.Lock()

@@ -28,7 +28,11 @@ VALID = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "ignore_eos": True, "v
 
 def _args(*extra):
     return ["--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", str(MAX_LEN),
-            "--gpu-memory-utilization", "0.1", "--seed", "0", *extra]
+            "--gpu-memory-utilization", "0.1", "--seed", "0",
+            # eager: these servers test overload and KV pressure, not compilation (proven in
+            # test_parity's tiny_compiled case, test_server_lifecycle and test_soak); a compiled
+            # start costs ~40 s more here
+            "--enforce-eager", *extra]
 
 
 @pytest.fixture(scope="module")

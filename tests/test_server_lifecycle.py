@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "dgemma_vllm.cli", "serve", str(checkpoint("tiny")),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-           "--dtype", "auto", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+           "--dtype", "auto", "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
            "--seed", "0", "--api-key", KEY]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
