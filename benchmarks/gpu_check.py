@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                for i in range(a.requests)]
     max_tokens = 2 * g.canvas_length + 3
     args = ["--served-model-name", "m", "--dtype", "float32", "--max-model-len", "1024",
-            "--gpu-memory-utilization", "0.5" if a.device == "cuda" else "0.1", "--seed", "0",
+            "--gpu-memory-utilization", "0.5" if a.device == "cuda" else "0.2", "--seed", "0",
             "--tensor-parallel-size", str(a.tp),
             # the CPU reference's draws for seeded requests (the GPU default draws on the device)
             "--hf-overrides", '{"dgemma_seeded_noise": "host"}']

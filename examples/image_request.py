@@ -79,7 +79,7 @@ def main():
     from dgemma_vllm.checkpoints.factory import cached_checkpoint
 
     model = a.model or str(cached_checkpoint("tiny"))
-    run_offline(LLM(model, dtype="float32", gpu_memory_utilization=0.1, max_model_len=1024), image)
+    run_offline(LLM(model, dtype="float32", gpu_memory_utilization=0.2, max_model_len=1024), image)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main():
     from dgemma_vllm.checkpoints.factory import cached_checkpoint
 
     model = a.model or str(cached_checkpoint("tiny"))
-    llm = LLM(model, dtype="float32", gpu_memory_utilization=0.1, max_model_len=1024)
+    llm = LLM(model, dtype="float32", gpu_memory_utilization=0.2, max_model_len=1024)
     canvas = llm.llm_engine.model_config.hf_config.dgemma_canvas_length
     run(llm, canvas)
 

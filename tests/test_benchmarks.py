@@ -56,9 +56,10 @@ def test_bench_command_writes_json_table_and_plots(tmp_path):
 
 def test_bench_repeat_interleaves_systems_and_reports_the_median(tmp_path):
     out = tmp_path / "bench"
+    # eager: the interleaving and the median, not compilation (the test above compiles)
     cmd = ["bash", str(ROOT / "examples" / "benchmark_run.sh"), "--systems", "plugin,reference",
-           "--concurrency", "2", "--repeat", "3", "--gpu-memory-utilization", "0.2", "--out", str(out),
-           "--plugin-eager"]  # the interleaving and the median, not compilation (the test above)
+           "--plugin-eager", "--concurrency", "2", "--repeat", "3",
+           "--gpu-memory-utilization", "0.2", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
