@@ -93,14 +93,20 @@ def token_logprobs(h: torch.Tensor, vs: VocabSlice, tokens: torch.Tensor, *, sof
     rank = (tv >= val[:, None]).sum(-1)
     far = (val < tv[:, -1]).nonzero()[:, 0]  # the same rows on every rank (merged values)
     if far.numel():  # count over the whole row: one more pass for those rows
+        # the token itself is counted once, not compared: its logit recomputed from a GEMM over
+        # other rows can round below `val` (seen on an AVX2 CPU: rank 590 for 591)
         cnt = torch.zeros(far.numel(), dtype=torch.float64, device=dev)
+        tok = tokens[far]
         for c0, c1 in _tiles(vs, cols):
-            x = _raw(h[far], vs, c0, c1, softcap)
-            cnt += (x.double() >= val[far, None]).sum(-1).double()
+            x = _raw(h[far], vs, c0, c1, softcap).double()
+            a = vs.start + c0
+            own = (tok >= a) & (tok < vs.start + c1)
+            x[own.nonzero()[:, 0], tok[own] - a] = float("-inf")
+            cnt += (x >= val[far, None]).sum(-1).double()
         if vs.ranks > 1:
             cnt = vs.reduce(cnt)
         rank = rank.clone()
-        rank[far] = cnt.long()
+        rank[far] = cnt.long() + 1
     return Logprobs((val - lse).float(), rank.long(), ti[:, :n_top], (tv - lse[:, None]).float()[:, :n_top])
 
 
