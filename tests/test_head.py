@@ -98,7 +98,8 @@ def test_wrong_noise_order_would_be_caught():
 
 def test_inverse_cdf_tiles_draw_the_right_distribution():
     """Unseeded requests: the reservoir merge of per-tile inverse-CDF draws is an exact
-    categorical draw (frequencies of 40k draws over a 12-word vocabulary)."""
+    categorical draw (frequencies of 40k draws over a 12-word vocabulary), over several tiles
+    and over one (unseeded rows take the tile path whatever the tile count)."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(12, 4, generator=g)
     hidden = torch.randn(1, 4, generator=g).expand(40000, 4).contiguous()
@@ -107,7 +108,7 @@ def test_inverse_cdf_tiles_draw_the_right_distribution():
     p = torch.softmax(head_logits(hidden[:1], w, CAP)[0], -1)
     freq = torch.bincount(got.denoiser, minlength=12).double() / 40000
     assert (freq - p).abs().max() < 4 * (p * (1 - p) / 40000).sqrt().max() + 1e-3
-    one, _ = _head(hidden, vs, seed=3, tile=12, exact=False, sched=1.0)  # untiled sampler
+    one, _ = _head(hidden, vs, seed=3, tile=12, exact=False, sched=1.0)  # one tile
     freq1 = torch.bincount(one.denoiser, minlength=12).double() / 40000
     assert (freq1 - p).abs().max() < 4 * (p * (1 - p) / 40000).sqrt().max() + 1e-3
 

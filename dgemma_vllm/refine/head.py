@@ -20,7 +20,10 @@ Sampling noise:
   consumed in row-major order. The tiled path draws the same ``q`` (a chunk of rows at a time,
   every rank the same values) and takes ``argmax(z - log q)``, the same argmax up to rounding;
   with one tile on one rank the reference operations themselves run (bit-identical).
-- otherwise: an exact categorical draw from two uniforms per (row, tile): reservoir-merging the
+- otherwise: always the tile path, even for one tile (its fused statistics pass, pre-packed
+  GEMMs and single argmax cost 1.6-3x less than the reference operations' softmaxes and
+  argmaxes: a 32-row lean step's head 2.97 against 8.97 ms, benchmarks/RESULTS.md); an exact
+  categorical draw from two uniforms per (row, tile): reservoir-merging the
   tiles (pick the tile's own inverse-CDF draw with probability tile mass / running mass). All
   ranks draw the same uniforms, so the generators stay in step.
 
@@ -40,8 +43,7 @@ import torch.nn.functional as F
 from .device import draw_device, to_device, to_host
 from .filters import (FILTER_CANDIDATES, MAX_CANDIDATES, LogitEdits, SamplingFilter,
                       candidate_filter, dense_filter, filter_params)
-from .sampler import (CanvasState, apply_step, apply_steps, entropy, sample_inverse_cdf,
-                      temperature)
+from .sampler import CanvasState, apply_step, apply_steps, entropy, temperature
 
 DEFAULT_TILE = 32768  # vocabulary columns per tile
 DEFAULT_BUDGET = 1 << 22  # elements of one [rows, columns] temporary (16 MiB in fp32)
@@ -203,7 +205,9 @@ def canvas_head(hidden: torch.Tensor, vs: VocabSlice, *, softcap: float, sched_t
     cols = max(1, min(tile, vs.max_size or vs.size))
     # seeded: the noise is drawn a full row at a time
     rows = chunk_rows(vs, tile, budget, exact_noise=exact_noise and temperature != 0.0)
-    step = _tiled_chunk if is_tiled(vs.size, vs.ranks, tile) else _exact_chunk
+    # the reference's own operations only where they buy bit-identity: seeded draws on one tile
+    exact_ops = exact_noise and not is_tiled(vs.size, vs.ranks, tile)
+    step = _exact_chunk if exact_ops else _tiled_chunk
 
     if per_row:  # host values (Python floats): every decision below is made without the device
         temps = temperature.tolist() if isinstance(temperature, torch.Tensor) else list(temperature)
@@ -351,9 +355,10 @@ def denoise_batch(states: list[CanvasState], hidden: torch.Tensor, vs: VocabSlic
 
 def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, generator,
                  exact_noise, want_soft, emb_dtype, segs=None):
-    """One tile on one rank: the reference's own operations, row chunk by row chunk (row-wise
-    operations and row-major noise make this bit-identical to the whole canvas at once). Logit
-    edits on the capped logits, draw filters on the sampling logits (refine/filters.py)."""
+    """One tile on one rank for a seeded request: the reference's own operations, row chunk by
+    row chunk (row-wise operations and row-major noise make this bit-identical to the whole
+    canvas at once). Logit edits on the capped logits, draw filters on the sampling logits
+    (refine/filters.py). Unseeded rows always take ``_tiled_chunk``."""
     gen = generator
     w = vs.weight[: vs.size]
     logits = head_logits(h, w, softcap)
@@ -361,30 +366,20 @@ def _exact_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
     processed = logits / sched_t
     filt = _row_filters(segs, h.shape[0], h.device)
     probs = None
-    if isinstance(temperature, torch.Tensor):  # several unseeded requests: per-row temperature
-        greedy = temperature == 0
-        t = torch.where(greedy, 1.0, temperature)
-        scaled = processed if flags.unit else logits / (sched_t * t)
-        if filt is not None:
-            scaled = dense_filter(scaled, *filt)
-        drawn = sample_inverse_cdf(torch.softmax(scaled, dim=-1, dtype=torch.float32), gen)
-        denoiser = torch.where(greedy[:, 0], processed.argmax(-1), drawn)
-    elif temperature == 0.0:
-        denoiser = processed.argmax(-1)
+    argmax = processed.argmax(-1)
+    if temperature == 0.0:
+        denoiser = argmax
     else:
         scaled = processed if temperature == 1.0 else logits / (sched_t * temperature)
         if filt is not None:
             scaled = dense_filter(scaled, *filt)
         sample_probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
         probs = sample_probs if temperature == 1.0 and filt is None else None
-        if exact_noise:  # multinomial(p, 1) is argmax(p / q), q ~ Exp(1) per entry (ATen);
-            # spelled out so the request's CPU generator also serves tensors on a GPU
-            q = torch.empty(sample_probs.shape, dtype=torch.float32,
-                            device=draw_device(gen)).exponential_(1, generator=gen)
-            denoiser = (sample_probs / to_device(q, sample_probs.device)).argmax(-1)
-        else:
-            denoiser = sample_inverse_cdf(sample_probs, gen)
-    argmax = processed.argmax(-1)
+        # multinomial(p, 1) is argmax(p / q), q ~ Exp(1) per entry (ATen); spelled out so the
+        # request's CPU generator also serves tensors on a GPU
+        q = torch.empty(sample_probs.shape, dtype=torch.float32,
+                        device=draw_device(gen)).exponential_(1, generator=gen)
+        denoiser = (sample_probs / to_device(q, sample_probs.device)).argmax(-1)
     ent = entropy(processed)
     soft = None
     if want_soft:
