@@ -111,11 +111,20 @@ def summarize(system, mode, conc, steps, tokens, wall, latencies, ttfts, peak, e
 
 # ----------------------------------------------------------------------------- vLLM offline
 AR_SYSTEMS = ("ar", "ar_eager")  # the autoregressive twin: vLLM's defaults (compiled), and eager
+# the plugin: compiled (vLLM's default and the plugin's), and eager (the compiled forward's
+# before/after measured side by side in one run)
+PLUGIN_SYSTEMS = ("plugin", "plugin_eager")
+VLLM_SYSTEMS = PLUGIN_SYSTEMS + AR_SYSTEMS
+
+
+def plugin_eager(system, args) -> bool:
+    return system == "plugin_eager"
 
 
 def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
     """The plugin with its settings (a canvas of 256 rows per request needs the larger token
-    budget; compiled, vLLM's default, unless --plugin-eager), or the autoregressive twin with vLLM's defaults (`ar`: compiled, as
+    budget; `plugin` compiled, vLLM's default; `plugin_eager` with enforce_eager; both
+    with --hf-overrides), or the autoregressive twin with vLLM's defaults (`ar`: compiled, as
     `vllm serve` runs it; `ar_eager`: the same with enforce_eager, an extra row)."""
     from vllm import LLM
 
@@ -124,7 +133,7 @@ def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
               disable_log_stats=False)
     if diffusion:
         kw.update(max_num_seqs=max(args.conc_list),
-                  enforce_eager=getattr(args, "plugin_eager", False),
+                  enforce_eager=plugin_eager(system, args), hf_overrides=args.hf_overrides_dict,
                   max_num_batched_tokens=max(8192, max(args.conc_list) * 256))
     elif system == "ar_eager":
         kw.update(enforce_eager=True)
@@ -138,7 +147,7 @@ def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
 
     from dgemma_vllm.engine.stats import request_stats
 
-    diffusion = system == "plugin"
+    diffusion = system in PLUGIN_SYSTEMS
     prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
     extra = {"diffusion_max_steps": steps} if diffusion else None
     # unseeded, as served traffic is (seeded requests draw the reference's exact noise)
@@ -235,11 +244,13 @@ def vllm_server(path, args, system="plugin"):
     serve_args = ["--served-model-name", "m", "--dtype", args.dtype,
                   "--max-model-len", str(args.prompt_len + args.output_len + 512),
                   "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if system == "plugin":  # as vllm_engine: the plugin's settings, vLLM's defaults for `ar`
+    if system in PLUGIN_SYSTEMS:  # as vllm_engine: the plugin's settings, vLLM's defaults for `ar`
         serve_args += ["--max-num-seqs", str(max(args.conc_list)),
                        "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
-        if getattr(args, "plugin_eager", False):
+        if plugin_eager(system, args):
             serve_args += ["--enforce-eager"]
+        if args.hf_overrides_dict:
+            serve_args += ["--hf-overrides", json.dumps(args.hf_overrides_dict)]
     elif system == "ar_eager":
         serve_args += ["--enforce-eager"]
     return serve_subprocess(path, serve_args, Path(args.out) / f"server_{system}_{Path(path).name}.log")
@@ -251,7 +262,7 @@ def run_server(base, system, conc, steps, args, vocab):
     client = openai.OpenAI(base_url=base, api_key="none", timeout=3600)
     prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
     extra = {"ignore_eos": True}
-    if system == "plugin":
+    if system in PLUGIN_SYSTEMS:
         extra["vllm_xargs"] = {"diffusion_max_steps": steps}
 
     def one(i):
@@ -271,7 +282,7 @@ def run_server(base, system, conc, steps, args, vocab):
         res = list(ex.map(one, range(conc)))
         wall = time.perf_counter() - t0
     tokens = sum(r[2] for r in res)
-    return summarize(system, "server", conc, steps if system == "plugin" else None, tokens, wall,
+    return summarize(system, "server", conc, steps if system in PLUGIN_SYSTEMS else None, tokens, wall,
                      [r[0] for r in res], [r[1] for r in res], mem.peak)
 
 
@@ -289,7 +300,7 @@ def run_vllm_bench_serve(server, system, conc, steps, args, tokenizer):
            "--random-output-len", str(args.output_len), "--num-prompts", str(2 * conc),
            "--max-concurrency", str(conc), "--ignore-eos", "--save-result",
            "--result-dir", str(args.out), "--result-filename", name, "--seed", "0"]
-    if system == "plugin":
+    if system in PLUGIN_SYSTEMS:
         cmd += ["--extra-body", json.dumps({"vllm_xargs": {"diffusion_max_steps": steps}})]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
@@ -298,13 +309,13 @@ def run_vllm_bench_serve(server, system, conc, steps, args, tokenizer):
     if res.get("failed"):
         raise RuntimeError(f"vllm bench serve: {res['failed']} of {res['num_prompts']} requests failed")
     row = dict(system=system, mode="server", client="vllm bench serve", concurrency=conc,
-               steps=steps if system == "plugin" else None,
+               steps=steps if system in PLUGIN_SYSTEMS else None,
                output_tokens=res.get("total_output_tokens"),
                wall_s=res.get("duration"), tokens_per_s=res.get("output_throughput"),
                latency_s=(statistics.mean(res["latencies"]) if res.get("latencies") else None),
                failed=res.get("failed"),
                ttft_s=(res.get("mean_ttft_ms") or 0) / 1e3 or None, peak_rss_gb=None)
-    if system == "plugin":
+    if system in PLUGIN_SYSTEMS:
         row["tokens_per_forward"] = None
     return row
 
@@ -319,7 +330,7 @@ def add_ratios(rows):
         return None
 
     for r in rows:
-        if r["system"] != "plugin":
+        if r["system"] not in PLUGIN_SYSTEMS:
             continue
         ar = find("ar", r["mode"], r["concurrency"], None)
         hf = find("reference", "offline", r["concurrency"], r["steps"])
@@ -327,6 +338,9 @@ def add_ratios(rows):
         eager = find("ar_eager", r["mode"], r["concurrency"], None)
         r["plugin_over_ar_eager"] = r["tokens_per_s"] / eager["tokens_per_s"] if eager else None
         r["plugin_over_reference"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+        if r["system"] == "plugin":  # the compiled forward against the eager one, same run
+            eg = find("plugin_eager", r["mode"], r["concurrency"], r["steps"])
+            r["compiled_over_eager"] = r["tokens_per_s"] / eg["tokens_per_s"] if eg else None
 
 
 def fmt(v, nd=2):
@@ -344,7 +358,7 @@ def write_report(rows, meta, out: Path):
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     cols = ["system", "mode", "concurrency", "steps", "tokens_per_s", "latency_s", "ttft_s",
             "time_per_canvas_s", "tokens_per_forward", "steps_per_canvas", "peak_rss_gb",
-            "plugin_over_ar", "plugin_over_ar_eager", "plugin_over_reference",
+            "plugin_over_ar", "plugin_over_ar_eager", "plugin_over_reference", "compiled_over_eager",
             "step_ms", "step_forward_ms", "step_head_ms", "step_runner_other_ms", "step_outside_ms"]
     if any("tokens_per_s_runs" in r for r in rows):
         cols.insert(5, "tokens_per_s_runs")
@@ -401,7 +415,7 @@ def shutdown_engine(llm):
 def warm_engine(system, ck, args, steps, geo, starts):
     """The vLLM engine of `system` (its start time into `starts`), after one canvas-long warm-up
     request."""
-    llm, starts[system] = vllm_engine(ck[system], args, system == "plugin", system)
+    llm, starts[system] = vllm_engine(ck[system], args, system in PLUGIN_SYSTEMS, system)
     try:
         warm = argparse.Namespace(**{**vars(args), "output_len": geo.canvas_length})
         run_vllm_offline(llm, system, 1, steps, warm, geo.vocab_size, geo.canvas_length)
@@ -430,7 +444,7 @@ def run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar):
     hits them alike. Per point the row of the median run is kept, with every run's tokens/s."""
     runners, engines = {}, []
     try:
-        for system in [s for s in systems if s in ("plugin", *AR_SYSTEMS)]:
+        for system in [s for s in systems if s in VLLM_SYSTEMS]:
             llm = warm_engine(system, ck, args, steps_list[0], geo, starts)
             engines.append(llm)
             runners[system] = (lambda c, st, llm=llm, system=system: run_vllm_offline(
@@ -471,11 +485,13 @@ def main(argv=None):
                     help="steps for server mode (default: the first of --steps), comma list")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--plugin-eager", action="store_true",
-                    help="run the plugin eagerly (enforce_eager) instead of compiled (vLLM's "
-                         "default, the plugin's too): the before/after of the compiled forward")
+    ap.add_argument("--hf-overrides", default=None,
+                    help="JSON object for the plugin's engines' hf_overrides (the plugin's knobs, "
+                         "e.g. '{\"dgemma_steps_per_engine_step\": 8}'); the other systems "
+                         "run without")
     ap.add_argument("--systems", default="plugin,ar,ar_eager,reference",
-                    help="plugin; ar (the autoregressive twin with vLLM's defaults: compiled); "
+                    help="plugin; plugin_eager (the plugin with enforce_eager: the compiled "
+                         "forward's before/after in one run); ar (the autoregressive twin with vLLM's defaults: compiled); "
                          "ar_eager (the same, enforce_eager); reference (transformers' generate)")
     ap.add_argument("--server-client", default="vllm-bench", choices=["vllm-bench", "openai"],
                     help="server mode's load generator: vLLM's own `vllm bench serve` (default) "
@@ -492,6 +508,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1 (got {args.repeat})")
+    args.hf_overrides_dict = json.loads(args.hf_overrides) if args.hf_overrides else None
+    if args.hf_overrides_dict is not None and not isinstance(args.hf_overrides_dict, dict):
+        ap.error(f"--hf-overrides must be a JSON object (got {args.hf_overrides})")
     if args.modes == "constrained":
         # structured-output constraints against unconstrained requests on one plugin engine,
         # interleaved (benchmarks/sampling_cost.py): the first --steps value, --repeat runs
@@ -528,7 +547,7 @@ def main(argv=None):
     ck = {"plugin": cached_checkpoint(args.geometry, dtype=args.dtype),
           "reference": cached_checkpoint(args.geometry, dtype=args.dtype),
           "ar": cached_checkpoint(args.geometry, kind="autoregressive", dtype=args.dtype)}
-    ck["ar_eager"] = ck["ar"]
+    ck["ar_eager"], ck["plugin_eager"] = ck["ar"], ck["plugin"]
     rows, starts = [], {}
     total = 0
     for s in systems:
@@ -540,10 +559,10 @@ def main(argv=None):
     if "offline" in modes and args.repeat > 1:
         rows += run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar)
     elif "offline" in modes:
-        for system in [s for s in systems if s in ("plugin", *AR_SYSTEMS)]:
+        for system in [s for s in systems if s in VLLM_SYSTEMS]:
             llm = warm_engine(system, ck, args, steps_list[0], geo, starts)
             try:
-                for steps in (steps_list if system == "plugin" else [None]):
+                for steps in (steps_list if system in PLUGIN_SYSTEMS else [None]):
                     for c in args.conc_list:
                         rows.append(run_vllm_offline(llm, system, c, steps or 0, args, geo.vocab_size, geo.canvas_length))
                         bar.update(1)
@@ -560,10 +579,10 @@ def main(argv=None):
                     bar.set_postfix_str(f"reference c={c} {rows[-1]['tokens_per_s']:.1f} tok/s")
             del model
     if "server" in modes:
-        for system in [s for s in systems if s in ("plugin", *AR_SYSTEMS)]:
+        for system in [s for s in systems if s in VLLM_SYSTEMS]:
             with vllm_server(ck[system], args, system) as server:
                 base = f"{server}/v1"
-                for steps in (server_steps if system == "plugin" else [None]):
+                for steps in (server_steps if system in PLUGIN_SYSTEMS else [None]):
                     for c in args.conc_list:
                         if args.server_client == "vllm-bench":
                             rows.append(run_vllm_bench_serve(server, system, c, steps or 0, args,
@@ -587,7 +606,7 @@ def main(argv=None):
                 command=" ".join([Path(sys.executable).name, "benchmarks/bench.py", *(argv or sys.argv[1:])]),
                 geometry=args.geometry, dtype=args.dtype, prompt_len=args.prompt_len,
                 output_len=args.output_len, steps=steps_list,
-                plugin_compiled=not args.plugin_eager,
+                hf_overrides=args.hf_overrides_dict,
                 engine_start_s={k: round(v, 1) for k, v in starts.items()})
     write_report(rows, meta, out)
     print((out / "results.md").read_text())

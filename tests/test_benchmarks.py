@@ -56,19 +56,19 @@ def test_bench_command_writes_json_table_and_plots(tmp_path):
 
 def test_bench_repeat_interleaves_systems_and_reports_the_median(tmp_path):
     out = tmp_path / "bench"
-    # eager: the interleaving and the median, not compilation (the test above compiles)
-    cmd = ["bash", str(ROOT / "examples" / "benchmark_run.sh"), "--systems", "plugin,reference",
-           "--plugin-eager", "--concurrency", "2", "--repeat", "3",
+    # the eager plugin: the interleaving and the median, not compilation (the test above compiles)
+    cmd = ["bash", str(ROOT / "examples" / "benchmark_run.sh"), "--systems", "plugin_eager,reference",
+           "--concurrency", "2", "--repeat", "3",
            "--gpu-memory-utilization", "0.2", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert sorted(x["system"] for x in rows) == ["plugin", "reference"]
+    assert sorted(x["system"] for x in rows) == ["plugin_eager", "reference"]
     for x in rows:
         runs = x["tokens_per_s_runs"]
         assert len(runs) == 3 and runs == sorted(runs) and x["tokens_per_s"] == runs[1]
         assert x["output_tokens"] == 64
-    plugin = next(x for x in rows if x["system"] == "plugin")
+    plugin = next(x for x in rows if x["system"] == "plugin_eager")
     ref = next(x for x in rows if x["system"] == "reference")
     assert plugin["plugin_over_reference"] == plugin["tokens_per_s"] / ref["tokens_per_s"]
     assert "tokens_per_s_runs" in (out / "results.md").read_text()
