@@ -133,7 +133,8 @@ def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
               disable_log_stats=False)
     if diffusion:
         kw.update(max_num_seqs=max(args.conc_list),
-                  enforce_eager=plugin_eager(system, args), hf_overrides=args.hf_overrides_dict,
+                  enforce_eager=plugin_eager(system, args),
+                  hf_overrides=getattr(args, "hf_overrides_dict", None),
                   max_num_batched_tokens=max(8192, max(args.conc_list) * 256))
     elif system == "ar_eager":
         kw.update(enforce_eager=True)
@@ -249,7 +250,7 @@ def vllm_server(path, args, system="plugin"):
                        "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
         if plugin_eager(system, args):
             serve_args += ["--enforce-eager"]
-        if args.hf_overrides_dict:
+        if getattr(args, "hf_overrides_dict", None):
             serve_args += ["--hf-overrides", json.dumps(args.hf_overrides_dict)]
     elif system == "ar_eager":
         serve_args += ["--enforce-eager"]

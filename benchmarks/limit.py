@@ -144,22 +144,22 @@ def main(argv=None):
         report["gemm_tflops"] = {d: v / 1e12 for d, v in peak.items()}
         print(f"GEMM throughput here: fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, bf16 "
               f"{peak['bf16'] / 1e12:.3f} TFLOP/s; parameters {counts}")
-        print("| concurrency | steps | step ms | GFLOP per step | achieved TFLOP/s | fraction of the "
+        print("| system | concurrency | steps | step ms | GFLOP per step | achieved TFLOP/s | fraction of the "
               f"{meta['dtype']} GEMM limit |")
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         limit = peak["bf16" if meta["dtype"] == "bfloat16" else "fp32"]
         report["rows"] = []
         for r in rows:
-            if r["system"] != "plugin" or not r.get("step_ms"):
+            if r["system"] not in ("plugin", "plugin_eager") or not r.get("step_ms"):
                 continue
             canvas_rows = r["concurrency"] * geo.canvas_length
             context = meta["prompt_len"] + meta["output_len"] // 2  # the mean over the output
             flops = step_flops(geo_name, canvas_rows, context, counts)
             achieved = flops / (r["step_ms"] / 1e3)
-            row = dict(concurrency=r["concurrency"], steps=r["steps"], step_ms=r["step_ms"],
+            row = dict(system=r["system"], concurrency=r["concurrency"], steps=r["steps"], step_ms=r["step_ms"],
                        gflop=flops / 1e9, achieved_tflops=achieved / 1e12, fraction=achieved / limit)
             report["rows"].append(row)
-            print(f"| {row['concurrency']} | {row['steps']} | {row['step_ms']:.1f} | {row['gflop']:.2f} | "
+            print(f"| {row['system']} | {row['concurrency']} | {row['steps']} | {row['step_ms']:.1f} | {row['gflop']:.2f} | "
                   f"{row['achieved_tflops']:.3f} | {row['fraction']:.2f} |")
     if args.project_h100 or not args.results:
         p = project_h100()

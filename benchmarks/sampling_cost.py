@@ -88,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="run the plugin eagerly (default: compiled, vLLM's default)")
     args = ap.parse_args(argv)
     args.conc_list = [int(x) for x in args.concurrency.split(",")]
     variants = args.variants.split(",")
@@ -98,7 +100,8 @@ def main(argv=None):
 
     geo = get_geometry(args.geometry)
     ck = cached_checkpoint(args.geometry, dtype=args.dtype)
-    llm, start = vllm_engine(ck, args, diffusion=True)
+    llm, start = vllm_engine(ck, args, diffusion=True,
+                             system="plugin_eager" if args.enforce_eager else "plugin")
     rows = []
     try:
         for v in variants:  # warm-up: one canvas each

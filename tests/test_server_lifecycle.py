@@ -31,7 +31,8 @@ def server(tmp_path_factory):
     cmd = [sys.executable, "-m", "dgemma_vllm.cli", "serve", str(checkpoint("tiny")),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
            "--dtype", "auto", "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
-           "--seed", "0", "--api-key", KEY]
+           "--seed", "0", "--api-key", KEY,
+           "--enforce-eager"]  # the API key and engine death, not compilation (test_parity compiles)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
