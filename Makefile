@@ -10,4 +10,4 @@ demo: setup
 	$(PY) -m dgemma_vllm.demo
 
 test: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15
