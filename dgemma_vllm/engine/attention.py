@@ -161,7 +161,7 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         if (md.dynamic_causal is None or self.sliding_window in (None, -1)
                 or _canvas_window != "reference"):
             return out
-        self._fix_canvas_rows(layer, query, kv_cache, md, out)
+        self._fix_canvas_rows(layer, query, key, value, kv_cache, md, out)
         return out
 
     def _paged(self, layer, kv_cache, md):
@@ -203,12 +203,22 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=self.scale)
             out[rows] = o.transpose(0, 1).reshape(out[rows].shape).to(out.dtype)
 
-    def _fix_canvas_rows(self, layer, query, kv_cache, md, out):
+    def _fix_canvas_rows(self, layer, query, key, value, kv_cache, md, out):
+        """Each canvas's rows again with the reference's window: the last ``W - 1`` cached
+        tokens read back from the paged cache, then the canvas's own K/V as this step computed
+        them (the same values the kernel has just written to the cache: the cache dtype is the
+        model's, an FP8 cache being refused at start-up), so only the prefix is gathered."""
         w = self.sliding_window  # W: a query sees W keys including itself
         canvas = (md.dynamic_causal == 0).nonzero().flatten().tolist()
         if not canvas:
             return
         qsl, seq_lens, read = self._paged(layer, kv_cache, md)
+        rep = self.num_heads // self.num_kv_heads
+
+        def own(x, q0, q1):  # [c, kv_heads * d] -> float32 [heads, c, d], as read() returns
+            return x[q0:q1].reshape(q1 - q0, self.num_kv_heads, self.head_size).float() \
+                .transpose(0, 1).repeat_interleave(rep, 0)
+
         for i in canvas:
             q0, q1 = qsl[i], qsl[i + 1]
             c = q1 - q0
@@ -217,7 +227,15 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             if prefix + c <= w:  # the kernel's symmetric window already sees every key
                 continue
             start = max(0, prefix - w + 1)
-            k, v = read(i, torch.arange(start, seq, dtype=torch.long))  # [H, n, d]
+            if key is None or value is None:  # a layer without its own K/V: all from the cache
+                k, v = read(i, torch.arange(start, seq, dtype=torch.long))
+                mid = None
+            else:
+                k, v = own(key, q0, q1), own(value, q0, q1)
+                mid = start < prefix
+            if mid:
+                kp, vp = read(i, torch.arange(start, prefix, dtype=torch.long))  # [H, n, d]
+                k, v = torch.cat([kp, k], 1), torch.cat([vp, v], 1)
             q = query[q0:q1].view(c, self.num_heads, self.head_size).float()
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, scale=self.scale)
             out[q0:q1] = o.transpose(0, 1).reshape(out[q0:q1].shape).to(out.dtype)
