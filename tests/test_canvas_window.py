@@ -161,3 +161,46 @@ def test_kv_layout_probe_refuses_an_unknown_layout(monkeypatch):
     monkeypatch.setattr(A, "_layout_cache", {})
     with pytest.raises(A.KVLayoutError, match="dgemma_canvas_window='symmetric'"):
         A.kv_layout("vec", torch.float32, 32, 32)
+
+
+def test_canvas_window_plan_gathers_each_canvas_prefix_window():
+    """The batched recompute's plan (one per step and KV-cache group): canvases grouped by
+    length, each one's prefix keys ``[max(0, L - W + 1), L)`` as paged-cache slots (the same slots
+    the per-canvas path reads), padding masked out, causal sequences and canvases that fit in
+    the window left out."""
+    from types import SimpleNamespace
+
+    from dgemma_vllm.engine import attention as A
+
+    w, bs = 8, 4
+    # sequences: canvas (prefix 10, c 4), causal (prefix chunk), canvas fitting the window
+    # (prefix 2, c 4), canvas (prefix 5, c 4: 9 > 8), canvas (prefix 20, c 3: the last, shorter)
+    q_lens = [4, 6, 4, 4, 3]
+    prefixes = [10, 0, 2, 5, 20]
+    flags = [0, 1, 0, 0, 0]
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    seq = [p + n for p, n in zip(prefixes, q_lens)]
+    g = torch.Generator().manual_seed(0)
+    bt = torch.stack([torch.randperm(40, generator=g)[:8] for _ in q_lens]).int()
+    md = SimpleNamespace(dynamic_causal=torch.tensor(flags, dtype=torch.int32),
+                         query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+                         seq_lens=torch.tensor(seq, dtype=torch.int32), block_table=bt)
+    plan = A.canvas_window_plan(md, w, bs)
+    by_c = {c: (rows, slots, keep) for c, rows, slots, keep in plan}
+    assert sorted(by_c) == [3, 4]
+    rows, slots, keep = by_c[4]  # sequences 0 and 3 (2 fits the window, 1 is causal)
+    assert rows.tolist() == list(range(qsl[0], qsl[1])) + list(range(qsl[3], qsl[4]))
+    n = keep.shape[-1] - 4
+    assert n == w - 1 and keep.shape == (2, 1, 1, n + 4)
+    for j, i in enumerate([0, 3]):
+        lo = max(0, prefixes[i] - w + 1)
+        want = A._kv_slots(SimpleNamespace(block_table=bt), i, torch.arange(lo, prefixes[i]), bs)
+        cnt = prefixes[i] - lo
+        assert keep[j, 0, 0, :n].tolist() == [True] * cnt + [False] * (n - cnt)
+        assert keep[j, 0, 0, n:].all()
+        assert slots.view(2, n)[j, :cnt].tolist() == want.tolist()
+    rows, slots, keep = by_c[3]
+    assert rows.tolist() == list(range(qsl[4], qsl[5])) and keep.all() and keep.shape[-1] == 7 + 3
+    assert A.canvas_window_plan(SimpleNamespace(**{**vars(md), "dynamic_causal": torch.ones(5, dtype=torch.int32)}), w, bs) is None

@@ -143,6 +143,53 @@ def image_blocks(cm) -> list[tuple[int, int, int, int, int]] | None:
     return out or None
 
 
+def canvas_window_plan(md, window: int, block_size: int):
+    """The canvas rows of one step that the reference's window recomputes on sliding layers, in
+    groups of canvases of equal length, for a batched recompute (one gather, one masked SDPA per
+    group and layer instead of a dozen ops per canvas and layer). Built once per step and KV-cache
+    group (the metadata builder), read by every sliding layer of the group.
+
+    Per group: ``(c, rows, slots, keep)``: ``rows`` the ``[B * c]`` query rows (flat, canvas by
+    canvas), ``slots`` the ``[B * n]`` paged-cache slots of each canvas's prefix keys (the last
+    ``W - 1`` cached tokens, ``n`` the longest such prefix; shorter ones are padded with their
+    first slot), ``keep`` the ``[B, 1, 1, n + c]`` key mask (prefix keys that exist, then the
+    canvas's own). A canvas whose prefix and canvas fit in the window is left out (the kernel's
+    symmetric window already sees every key). None when no canvas needs the recompute."""
+    if md.dynamic_causal is None:
+        return None
+    flags = md.dynamic_causal.tolist()
+    if all(flags):
+        return None
+    qsl = md.query_start_loc.tolist()
+    seq_lens = md.seq_lens.tolist()
+    by_len: dict[int, list[tuple[int, int, int]]] = {}  # c -> (sequence, first row, prefix)
+    for i, f in enumerate(flags):
+        if f:
+            continue
+        c = qsl[i + 1] - qsl[i]
+        prefix = seq_lens[i] - c
+        if c <= 0 or prefix + c <= window:
+            continue
+        by_len.setdefault(c, []).append((i, qsl[i], prefix))
+    if not by_len:
+        return None
+    groups = []
+    for c, seqs in by_len.items():
+        starts = [max(0, L - window + 1) for _, _, L in seqs]
+        counts = [L - s0 for (_, _, L), s0 in zip(seqs, starts)]
+        n = max(counts)
+        b = len(seqs)
+        rows = (torch.tensor([q0 for _, q0, _ in seqs])[:, None] + torch.arange(c)[None, :]).flatten()
+        j = torch.arange(n)[None, :]
+        cnt = torch.tensor(counts)[:, None]
+        pos = torch.tensor(starts)[:, None] + torch.where(j < cnt, j, 0)  # [B, n]
+        bt = md.block_table[torch.tensor([i for i, _, _ in seqs])].long()  # [B, blocks]
+        slots = (bt.gather(1, pos // block_size) * block_size + pos % block_size).flatten()
+        keep = torch.cat([j < cnt, torch.ones(b, c, dtype=torch.bool)], 1)[:, None, None, :]
+        groups.append((c, rows, slots, keep))
+    return groups
+
+
 def _kv_slots(md, i: int, pos: torch.Tensor, bs: int) -> torch.Tensor:
     bt = md.block_table[i]
     return bt[pos // bs].long() * bs + pos % bs
@@ -204,6 +251,29 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             out[rows] = o.transpose(0, 1).reshape(out[rows].shape).to(out.dtype)
 
     def _fix_canvas_rows(self, layer, query, key, value, kv_cache, md, out):
+        """The canvas rows again with the reference's window, batched over the step's canvases
+        (``canvas_window_plan``, built by the metadata builder); a layer without its own K/V
+        takes the per-canvas path (``_fix_canvas_rows_each``)."""
+        if key is None or value is None or not hasattr(md, "dg_canvas_window"):
+            return self._fix_canvas_rows_each(layer, query, key, value, kv_cache, md, out)
+        if md.dg_canvas_window is None:
+            return
+        nb, h, bs, _ = kv_cache.shape
+        k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
+        k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, self.head_size)
+        hk, d = self.num_kv_heads, self.head_size
+        for c, rows, slots, keep in md.dg_canvas_window:
+            b = keep.shape[0]
+            kp = _gather(k_cache, slots, k_pos).view(b, -1, hk, d)  # [B, n, kv_heads, d]
+            vp = _gather(v_cache, slots, v_pos).view(b, -1, hk, d)
+            k = torch.cat([kp, key[rows].view(b, c, hk, d)], 1).transpose(1, 2).float()
+            v = torch.cat([vp, value[rows].view(b, c, hk, d)], 1).transpose(1, 2).float()
+            q = query[rows].view(b, c, self.num_heads, d).transpose(1, 2).float()
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale,
+                                               enable_gqa=self.num_heads != hk)
+            out[rows] = o.transpose(1, 2).reshape(b * c, *out.shape[1:]).to(out.dtype)
+
+    def _fix_canvas_rows_each(self, layer, query, key, value, kv_cache, md, out):
         """Each canvas's rows again with the reference's window: the last ``W - 1`` cached
         tokens read back from the paged cache, then the canvas's own K/V as this step computed
         them (the same values the kernel has just written to the cache: the cache dtype is the
@@ -266,6 +336,8 @@ class DGemmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         md.dg_images = image_blocks(common_attn_metadata)
+        if _canvas_window == "reference" and self.window_size not in (None, -1):
+            md.dg_canvas_window = canvas_window_plan(md, self.window_size, self.block_size)
         return md
 
 
