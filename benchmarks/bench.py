@@ -35,10 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# vLLM's CPU backend keeps one core for the front-end/engine processes by default; on a 2-core
-# machine that halves the model's cores while the in-process reference uses both. Both vLLM
-# systems (plugin and autoregressive) run with every core available to the worker.
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+# vLLM's CPU backend keeps cores for its scheduler and front-end processes by default (one on x86
+# with one rank: VLLM_CPU_NUM_OF_RESERVED_CPU unset), and its worker runs one OpenMP thread per
+# remaining core. That default is what both vLLM systems run with (`--reserved-cpus` sets it).
+# On a 2-core machine it leaves the worker one core while the in-process reference uses both;
+# with 0 reserved the worker gets both, but vLLM's engine core spins (sched_yield) on the same
+# cores while the worker computes, which costs the small-compute geometries more than the second
+# core gains (RESULTS.md, 2026-12-03).
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -113,12 +116,20 @@ def summarize(system, mode, conc, steps, tokens, wall, latencies, ttfts, peak, e
 AR_SYSTEMS = ("ar", "ar_eager")  # the autoregressive twin: vLLM's defaults (compiled), and eager
 # the plugin: compiled (vLLM's default and the plugin's), and eager (the compiled forward's
 # before/after measured side by side in one run)
-PLUGIN_SYSTEMS = ("plugin", "plugin_eager")
+# plugin_alt: the compiled plugin with --alt-hf-overrides instead of --hf-overrides (two knob
+# settings side by side in one run)
+PLUGIN_SYSTEMS = ("plugin", "plugin_eager", "plugin_alt")
 VLLM_SYSTEMS = PLUGIN_SYSTEMS + AR_SYSTEMS
 
 
 def plugin_eager(system, args) -> bool:
     return system == "plugin_eager"
+
+
+def plugin_overrides(system, args):
+    """The hf_overrides of a plugin system: --alt-hf-overrides for plugin_alt, else --hf-overrides."""
+    return getattr(args, "alt_hf_overrides_dict" if system == "plugin_alt" else "hf_overrides_dict",
+                   None)
 
 
 def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
@@ -134,7 +145,7 @@ def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
     if diffusion:
         kw.update(max_num_seqs=max(args.conc_list),
                   enforce_eager=plugin_eager(system, args),
-                  hf_overrides=getattr(args, "hf_overrides_dict", None),
+                  hf_overrides=plugin_overrides(system, args),
                   max_num_batched_tokens=max(8192, max(args.conc_list) * 256))
     elif system == "ar_eager":
         kw.update(enforce_eager=True)
@@ -250,8 +261,8 @@ def vllm_server(path, args, system="plugin"):
                        "--max-num-batched-tokens", str(max(8192, max(args.conc_list) * 256))]
         if plugin_eager(system, args):
             serve_args += ["--enforce-eager"]
-        if getattr(args, "hf_overrides_dict", None):
-            serve_args += ["--hf-overrides", json.dumps(args.hf_overrides_dict)]
+        if plugin_overrides(system, args):
+            serve_args += ["--hf-overrides", json.dumps(plugin_overrides(system, args))]
     elif system == "ar_eager":
         serve_args += ["--enforce-eager"]
     return serve_subprocess(path, serve_args, Path(args.out) / f"server_{system}_{Path(path).name}.log")
@@ -342,6 +353,9 @@ def add_ratios(rows):
         if r["system"] == "plugin":  # the compiled forward against the eager one, same run
             eg = find("plugin_eager", r["mode"], r["concurrency"], r["steps"])
             r["compiled_over_eager"] = r["tokens_per_s"] / eg["tokens_per_s"] if eg else None
+        if r["system"] == "plugin_alt":  # the other knob setting against plugin, same run
+            base = find("plugin", r["mode"], r["concurrency"], r["steps"])
+            r["alt_over_plugin"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
 
 
 def fmt(v, nd=2):
@@ -359,7 +373,7 @@ def write_report(rows, meta, out: Path):
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     cols = ["system", "mode", "concurrency", "steps", "tokens_per_s", "latency_s", "ttft_s",
             "time_per_canvas_s", "tokens_per_forward", "steps_per_canvas", "peak_rss_gb",
-            "plugin_over_ar", "plugin_over_ar_eager", "plugin_over_reference", "compiled_over_eager",
+            "plugin_over_ar", "plugin_over_ar_eager", "plugin_over_reference", "compiled_over_eager", "alt_over_plugin",
             "step_ms", "step_forward_ms", "step_head_ms", "step_runner_other_ms", "step_outside_ms"]
     if any("tokens_per_s_runs" in r for r in rows):
         cols.insert(5, "tokens_per_s_runs")
@@ -371,7 +385,10 @@ def write_report(rows, meta, out: Path):
           f"- command: `{meta['command']}`",
           f"- geometry: {meta['geometry']} ({meta['dtype']}), prompt {meta['prompt_len']} tokens, "
           f"output {meta['output_len']} tokens (ignore_eos), fixed denoising steps {meta['steps']}",
-          f"- engine start: {meta.get('engine_start_s')}", "", *lines, ""]
+          f"- engine start: {meta.get('engine_start_s')}",
+          f"- cores reserved by vLLM (VLLM_CPU_NUM_OF_RESERVED_CPU): {meta.get('reserved_cpus')}; "
+          f"torch threads of this process (the reference): {meta.get('reference_threads')}",
+          "", *lines, ""]
     (out / "results.md").write_text("\n".join(md))
     try:
         import matplotlib
@@ -462,6 +479,10 @@ def run_offline_interleaved(systems, ck, args, steps_list, geo, starts, bar):
                 runs = {s: [] for s in turn}
                 for _ in range(args.repeat):
                     for system in turn:
+                        # vLLM's processes spin (shm queue readers, busy_loop_s 1 s) after the
+                        # last read: wait them out, so that the system measured next has the
+                        # cores to itself (the reference, in this process, most of all)
+                        time.sleep(args.settle_s)
                         runs[system].append(runners[system](c, 0 if system in AR_SYSTEMS else steps))
                 for system, rs in runs.items():
                     rs.sort(key=lambda r: r["tokens_per_s"])
@@ -490,8 +511,11 @@ def main(argv=None):
                     help="JSON object for the plugin's engines' hf_overrides (the plugin's knobs, "
                          "e.g. '{\"dgemma_steps_per_engine_step\": 8}'); the other systems "
                          "run without")
+    ap.add_argument("--alt-hf-overrides", default=None,
+                    help="JSON object: the hf_overrides of the plugin_alt system (the compiled "
+                         "plugin with other knobs, side by side with plugin in one run)")
     ap.add_argument("--systems", default="plugin,ar,ar_eager,reference",
-                    help="plugin; plugin_eager (the plugin with enforce_eager: the compiled "
+                    help="plugin; plugin_alt (plugin with --alt-hf-overrides); plugin_eager (the plugin with enforce_eager: the compiled "
                          "forward's before/after in one run); ar (the autoregressive twin with vLLM's defaults: compiled); "
                          "ar_eager (the same, enforce_eager); reference (transformers' generate)")
     ap.add_argument("--server-client", default="vllm-bench", choices=["vllm-bench", "openai"],
@@ -503,15 +527,31 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    ap.add_argument("--settle-s", type=float, default=1.5,
+                    help="--repeat: seconds of idle before each measured run, so that the other "
+                         "loaded engines' processes stop spinning (vLLM's shm readers busy-loop "
+                         "1 s after a read); default 1.5")
+    ap.add_argument("--reserved-cpus", type=int, default=None,
+                    help="cores vLLM keeps for its scheduler / front-end processes "
+                         "(VLLM_CPU_NUM_OF_RESERVED_CPU) for both vLLM systems; default: vLLM's "
+                         "own (1 on x86 with one rank; the worker's OpenMP threads get the rest)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="offline: run every point N times, the systems taking turns (all loaded at "
                          "once), and report the median run (default 1: one system after the other)")
     args = ap.parse_args(argv)
+    if args.reserved_cpus is not None:
+        if args.reserved_cpus < 0 or args.reserved_cpus >= (os.cpu_count() or 1):
+            ap.error(f"--reserved-cpus must be in [0, {(os.cpu_count() or 1) - 1}] "
+                     f"(got {args.reserved_cpus})")
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.reserved_cpus)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1 (got {args.repeat})")
     args.hf_overrides_dict = json.loads(args.hf_overrides) if args.hf_overrides else None
     if args.hf_overrides_dict is not None and not isinstance(args.hf_overrides_dict, dict):
         ap.error(f"--hf-overrides must be a JSON object (got {args.hf_overrides})")
+    args.alt_hf_overrides_dict = json.loads(args.alt_hf_overrides) if args.alt_hf_overrides else None
+    if args.alt_hf_overrides_dict is not None and not isinstance(args.alt_hf_overrides_dict, dict):
+        ap.error(f"--alt-hf-overrides must be a JSON object (got {args.alt_hf_overrides})")
     if args.modes == "constrained":
         # structured-output constraints against unconstrained requests on one plugin engine,
         # interleaved (benchmarks/sampling_cost.py): the first --steps value, --repeat runs
@@ -548,7 +588,7 @@ def main(argv=None):
     ck = {"plugin": cached_checkpoint(args.geometry, dtype=args.dtype),
           "reference": cached_checkpoint(args.geometry, dtype=args.dtype),
           "ar": cached_checkpoint(args.geometry, kind="autoregressive", dtype=args.dtype)}
-    ck["ar_eager"], ck["plugin_eager"] = ck["ar"], ck["plugin"]
+    ck["ar_eager"], ck["plugin_eager"], ck["plugin_alt"] = ck["ar"], ck["plugin"], ck["plugin"]
     rows, starts = [], {}
     total = 0
     for s in systems:
@@ -607,7 +647,9 @@ def main(argv=None):
                 command=" ".join([Path(sys.executable).name, "benchmarks/bench.py", *(argv or sys.argv[1:])]),
                 geometry=args.geometry, dtype=args.dtype, prompt_len=args.prompt_len,
                 output_len=args.output_len, steps=steps_list,
-                hf_overrides=args.hf_overrides_dict,
+                hf_overrides=args.hf_overrides_dict, alt_hf_overrides=args.alt_hf_overrides_dict,
+                reserved_cpus=os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"),
+                reference_threads=torch.get_num_threads(),
                 engine_start_s={k: round(v, 1) for k, v in starts.items()})
     write_report(rows, meta, out)
     print((out / "results.md").read_text())
