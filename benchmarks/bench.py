@@ -149,9 +149,19 @@ def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
                   max_num_batched_tokens=max(8192, max(args.conc_list) * 256))
     elif system == "ar_eager":
         kw.update(enforce_eager=True)
-    t0 = time.perf_counter()
-    llm = LLM(str(path), **kw)
-    return llm, time.perf_counter() - t0
+    env = getattr(args, "alt_env_dict", None) if system == "plugin_alt" else None
+    saved = {k: os.environ.get(k) for k in env or ()}
+    os.environ.update(env or {})  # inherited by the engine's processes, spawned now
+    try:
+        t0 = time.perf_counter()
+        llm = LLM(str(path), **kw)
+        return llm, time.perf_counter() - t0
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
@@ -514,6 +524,9 @@ def main(argv=None):
     ap.add_argument("--alt-hf-overrides", default=None,
                     help="JSON object: the hf_overrides of the plugin_alt system (the compiled "
                          "plugin with other knobs, side by side with plugin in one run)")
+    ap.add_argument("--alt-env", default=None,
+                    help="KEY=VALUE[,KEY=VALUE]: environment of the plugin_alt engine's processes "
+                         "only (e.g. DGEMMA_TWO_RPC_STEP=1: vLLM's two RPCs per engine step)")
     ap.add_argument("--systems", default="plugin,ar,ar_eager,reference",
                     help="plugin; plugin_alt (plugin with --alt-hf-overrides); plugin_eager (the plugin with enforce_eager: the compiled "
                          "forward's before/after in one run); ar (the autoregressive twin with vLLM's defaults: compiled); "
@@ -552,6 +565,12 @@ def main(argv=None):
     args.alt_hf_overrides_dict = json.loads(args.alt_hf_overrides) if args.alt_hf_overrides else None
     if args.alt_hf_overrides_dict is not None and not isinstance(args.alt_hf_overrides_dict, dict):
         ap.error(f"--alt-hf-overrides must be a JSON object (got {args.alt_hf_overrides})")
+    args.alt_env_dict = {}
+    for item in filter(None, (args.alt_env or "").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            ap.error(f"--alt-env must be KEY=VALUE[,KEY=VALUE] (got {args.alt_env})")
+        args.alt_env_dict[key] = value
     if args.modes == "constrained":
         # structured-output constraints against unconstrained requests on one plugin engine,
         # interleaved (benchmarks/sampling_cost.py): the first --steps value, --repeat runs
@@ -647,7 +666,7 @@ def main(argv=None):
                 command=" ".join([Path(sys.executable).name, "benchmarks/bench.py", *(argv or sys.argv[1:])]),
                 geometry=args.geometry, dtype=args.dtype, prompt_len=args.prompt_len,
                 output_len=args.output_len, steps=steps_list,
-                hf_overrides=args.hf_overrides_dict, alt_hf_overrides=args.alt_hf_overrides_dict,
+                hf_overrides=args.hf_overrides_dict, alt_hf_overrides=args.alt_hf_overrides_dict, alt_env=args.alt_env_dict or None,
                 reserved_cpus=os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"),
                 reference_threads=torch.get_num_threads(),
                 engine_start_s={k: round(v, 1) for k, v in starts.items()})

@@ -81,6 +81,10 @@ def test_fused_tokens_equal_unfused(runs):
     assert fused_stats["fused_commits"] >= 10, fused_stats
     assert fused_stats["last_commits"] == len(prompts), fused_stats  # every request ends so
     assert fused_stats["engine_steps"] < plain_stats["engine_steps"], (plain_stats, fused_stats)
+    # no request is constrained: every engine step sampled inside execute_model (one RPC per step,
+    # worker.py), and the tokens above are the ones test_parity proves against the reference
+    for st in (plain_stats, fused_stats):
+        assert st["one_rpc_steps"] == st["engine_steps"] > 0, st
     # lengths as asked (ignore_eos requests): the max_model_len-capped one stops at the end
     for (p, sp, toks) in zip(prompts, params, fused):
         if sp.ignore_eos:

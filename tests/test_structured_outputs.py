@@ -137,8 +137,16 @@ def test_seeded_constrained_requests_are_reproducible_and_batch_with_plain_ones(
     sps = [SamplingParams(max_tokens=100, seed=11, structured_outputs=_so(json=SCHEMA), extra_args=STEPS),
            SamplingParams(max_tokens=40, seed=12, ignore_eos=True, extra_args=STEPS),
            SamplingParams(max_tokens=60, structured_outputs=_so(regex=r"[a-c]{5,9}"), extra_args=STEPS)]
+    from dgemma_vllm.engine.stats import runner_stats
+
+    before = runner_stats(llm)
     outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": PROMPT}] * 3, sps, use_tqdm=False)]
+    after = runner_stats(llm)
     assert outs[0].text == a.text and list(outs[1].token_ids) == list(plain.token_ids)
+    # steps with a constrained request keep vLLM's second RPC (sample_tokens with the grammar
+    # bitmask argument); the one-RPC step (worker.py) is for steps without one
+    steps = after["engine_steps"] - before["engine_steps"]
+    assert 0 <= after["one_rpc_steps"] - before["one_rpc_steps"] < steps, (before, after)
     assert re.fullmatch(r"[a-c]{5,9}", outs[2].text), outs[2].text
 
 

@@ -199,6 +199,7 @@ class DGemmaRunnerMixin:
         self.dg_head_rows = 0  # rows the vocabulary head ran on (canvas rows of denoising steps)
         self.dg_commit_rows = 0  # committed-token rows run through the model (no head)
         self.dg_canvas_forwards = 0  # forwards with canvas rows (one head pass, one SC MLP call)
+        self.dg_one_rpc_steps = 0  # engine steps sampled inside execute_model (worker.py)
         self.dg_applied = False
         self.dg_drafts: dict[str, tuple[list[int], int]] = {}
         self.dg_ready: dict[str, list[int]] = {}  # requests whose next step commits (their ids)
@@ -229,7 +230,7 @@ class DGemmaRunnerMixin:
         return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps,
                 "fused_commits": self.dg_fused_commits, "last_commits": self.dg_last_commits,
                 "head_rows": self.dg_head_rows, "commit_rows": self.dg_commit_rows,
-                "canvas_forwards": self.dg_canvas_forwards,
+                "canvas_forwards": self.dg_canvas_forwards, "one_rpc_steps": self.dg_one_rpc_steps,
                 # per-request state held now (0 when no request is running: no leak)
                 "live_states": len(self.dg_states), "pending_commits": len(self.dg_ready),
                 "fused_ids": len(self.dg_fused_ids), "failed": len(self.dg_failed),

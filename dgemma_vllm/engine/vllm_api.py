@@ -431,6 +431,20 @@ from vllm.model_executor.models.interfaces import SupportsPP  # noqa: F401,E402
 from vllm.sequence import IntermediateTensors  # noqa: F401,E402
 
 
+def samples_in_execute_model(out, scheduler_output, vllm_config) -> bool:
+    """Whether a worker may sample inside ``execute_model`` (one RPC per engine step): the
+    engine core (v1/engine/core.py ``EngineCore.step``, :667-676) sends ``sample_tokens`` only
+    when ``execute_model`` returned None, with ``get_grammar_bitmask(scheduler_output)``, which is
+    None whenever ``scheduler_output.has_structured_output_requests`` is false
+    (v1/core/sched/scheduler.py:2000). The batch-queue step (``max_concurrent_batches`` > 1:
+    pipeline stages, async scheduling; core.py:698) always sends ``sample_tokens`` and is
+    excluded; the Ray executor calls the runner directly (v1/executor/ray_utils.py
+    ``execute_model_ray``), never the worker's ``execute_model``."""
+    return (out is None and vllm_config.max_concurrent_batches == 1
+            and scheduler_output.total_num_scheduled_tokens > 0
+            and not scheduler_output.has_structured_output_requests)
+
+
 def pp_ranks() -> tuple[int, bool, bool]:
     """(pipeline stages, is first stage, is last stage) of this process."""
     g = get_pp_group()

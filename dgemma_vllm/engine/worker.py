@@ -7,6 +7,8 @@ vLLM's documented override point; the plugin returns its V1 runner there.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from vllm.platforms import current_platform
 
@@ -22,6 +24,11 @@ def _runner_class(base):
 
     DGemmaModelRunner.__qualname__ = f"DGemma{base.__name__}"
     return DGemmaModelRunner
+
+
+# Benchmark hook: DGEMMA_TWO_RPC_STEP=1 keeps vLLM's two RPCs per engine step (execute_model,
+# then sample_tokens) for a before/after side by side (benchmarks/bench.py --alt-env)
+_ONE_HOP = os.environ.get("DGEMMA_TWO_RPC_STEP", "0") != "1"
 
 
 class _StageMixin:
@@ -57,7 +64,18 @@ class _StageMixin:
 
     def execute_model(self, scheduler_output):
         stages, first, _ = V.pp_ranks()
-        if stages == 1 or first:
+        if stages == 1:
+            out = super().execute_model(scheduler_output)
+            if _ONE_HOP and V.samples_in_execute_model(out, scheduler_output, self.vllm_config):
+                # One hop per step instead of two: vLLM's engine core sends a second RPC
+                # (sample_tokens) only when execute_model returns None, and its grammar bitmask
+                # is None when no request of the step is constrained, so the worker samples now
+                # with the same (None) argument; the multiproc hand-off was ~1 ms of a 8 ms
+                # step on `small` (benchmarks/RESULTS.md, 2026-12-03)
+                self.model_runner.dg_one_rpc_steps += 1
+                return self.sample_tokens(None)
+            return out
+        if first:
             return super().execute_model(scheduler_output)
         with V.deferred_pp_receive():
             return super().execute_model(scheduler_output)
