@@ -149,19 +149,13 @@ def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
                   max_num_batched_tokens=max(8192, max(args.conc_list) * 256))
     elif system == "ar_eager":
         kw.update(enforce_eager=True)
-    env = getattr(args, "alt_env_dict", None) if system == "plugin_alt" else None
-    saved = {k: os.environ.get(k) for k in env or ()}
-    os.environ.update(env or {})  # inherited by the engine's processes, spawned now
-    try:
+    from dgemma_vllm.engine.stats import engine_env
+
+    env = (getattr(args, "alt_env_dict", None) or {}) if system == "plugin_alt" else {}
+    with engine_env(**env):  # inherited by the engine's processes, spawned now
         t0 = time.perf_counter()
         llm = LLM(str(path), **kw)
         return llm, time.perf_counter() - t0
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):

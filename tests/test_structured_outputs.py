@@ -132,13 +132,13 @@ def test_too_few_tokens_end_with_length_and_a_valid_prefix(llm):
 def test_seeded_constrained_requests_are_reproducible_and_batch_with_plain_ones(llm):
     from vllm import SamplingParams
 
+    from dgemma_vllm.engine.stats import runner_stats
+
     a = gen(llm, max_tokens=100, seed=11, structured_outputs=_so(json=SCHEMA))
     plain = gen(llm, max_tokens=40, seed=12, ignore_eos=True)
     sps = [SamplingParams(max_tokens=100, seed=11, structured_outputs=_so(json=SCHEMA), extra_args=STEPS),
            SamplingParams(max_tokens=40, seed=12, ignore_eos=True, extra_args=STEPS),
            SamplingParams(max_tokens=60, structured_outputs=_so(regex=r"[a-c]{5,9}"), extra_args=STEPS)]
-    from dgemma_vllm.engine.stats import runner_stats
-
     before = runner_stats(llm)
     outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": PROMPT}] * 3, sps, use_tqdm=False)]
     after = runner_stats(llm)

@@ -5,14 +5,12 @@ vocabulary-parallel (each rank samples over its own half; dgemma_vllm/refine/hea
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 
 from conftest import start_llm, stop_llm
 from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS
+from dgemma_vllm.engine.stats import engine_env
 
 PROMPTS = [[(11 * i + 5 * j) % 500 + 5 for j in range(3 + 9 * i)] for i in range(4)]
 
@@ -38,20 +36,6 @@ def _generate_and_check(llm, model):
     # both ranks committed the same canvases for every request
     ranks = llm.collective_rpc("dgemma_request_stats")
     assert len(ranks) == 2 and ranks[0] == ranks[1] and len(ranks[0]) == len(PROMPTS) + 2
-
-
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _check_sampling_params(llm, model):
@@ -151,7 +135,7 @@ def _run(tiny_ckpt, model, backend, sampling=False, lora=False):
 def test_two_ranks_equal_reference(tiny_ckpt, model):
     # two ranks on one NUMA node: bind one core each by hand (vLLM's auto binding wants a node
     # per rank), and keep no core in reserve
-    with _env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
+    with engine_env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
         _run(tiny_ckpt, model, "mp", sampling=True, lora=True)
 
 
@@ -168,7 +152,7 @@ def test_two_ranks_in_bf16():
     params = [SamplingParams(max_tokens=40, seed=500 + i, ignore_eos=True,
                              extra_args={"diffusion_max_steps": 3}) for i in range(len(PROMPTS))]
     unseeded = SamplingParams(max_tokens=40, ignore_eos=True, extra_args={"diffusion_max_steps": 3})
-    with _env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
+    with engine_env(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
         llm = start_llm(path, dtype="auto", tensor_parallel_size=2)
         try:
             import torch

@@ -70,8 +70,8 @@ class _StageMixin:
                 # One hop per step instead of two: vLLM's engine core sends a second RPC
                 # (sample_tokens) only when execute_model returns None, and its grammar bitmask
                 # is None when no request of the step is constrained, so the worker samples now
-                # with the same (None) argument; the multiproc hand-off was ~1 ms of a 8 ms
-                # step on `small` (benchmarks/RESULTS.md, 2026-12-03)
+                # with the same (None) argument. One round trip fewer per step; on the 2-core
+                # CPU its effect on tokens/s was inside the drift (0.93-1.03x, RESULTS.md)
                 self.model_runner.dg_one_rpc_steps += 1
                 return self.sample_tokens(None)
             return out
