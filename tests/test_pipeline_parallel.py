@@ -14,7 +14,8 @@ import pytest
 from conftest import start_llm, stop_llm
 from dgemma_vllm import reference as ref
 from dgemma_vllm.checkpoints.factory import EOS_IDS
-from test_tensor_parallel import PROMPTS, _check_lora, _env
+from dgemma_vllm.engine.stats import engine_env
+from test_tensor_parallel import PROMPTS, _check_lora
 
 STEPS = {"diffusion_max_steps": 3}
 
@@ -95,7 +96,7 @@ def _drafts(llm, prompt, seed):
 @pytest.fixture(scope="module")
 def stages_of_two_ranks(tiny_ckpt):
     """PP=2 x TP=2 with the multiprocess executor and LoRA on (four ranks on two cores)."""
-    with _env(VLLM_CPU_OMP_THREADS_BIND="0|1|0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
+    with engine_env(VLLM_CPU_OMP_THREADS_BIND="0|1|0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"):
         t = time.perf_counter()
         llm = start_llm(tiny_ckpt, pipeline_parallel_size=2, tensor_parallel_size=2,
                         enable_lora=True, max_lora_rank=8, max_loras=2)

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import start_llm, stop_llm
 from dgemma_vllm import reference as ref
+from dgemma_vllm.engine.stats import engine_env
 from test_pipeline_parallel import _check_stages, _seeded
-from test_tensor_parallel import _env
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def ray_nodes(tmp_path_factory):
             assert len(nodes) == 2 and all(n["Resources"].get("GPU") == 1 for n in nodes), nodes
         finally:
             ray.shutdown()
-        with _env(RAY_ADDRESS=f"127.0.0.1:{RAY_PORT}", RAY_AUTH_MODE="disabled"):
+        with engine_env(RAY_ADDRESS=f"127.0.0.1:{RAY_PORT}", RAY_AUTH_MODE="disabled"):
             yield temp_dir
     finally:
         _ray("stop", "--force", env=env)
