@@ -146,6 +146,10 @@ def test_kv_layout_probe_reads_back_what_vllm_wrote(isa, dtype, block_size, head
     k_pos, v_pos = A.kv_layout(isa, dtype, bs, d)
     assert torch.equal(A._gather(kc, slots, k_pos), k)
     assert torch.equal(A._gather(vc, slots, v_pos), v)
+    # the batched recompute's flat index into the whole layer cache: K then V, the same values
+    kv_read = kv.view(-1).index_select(0, A.kv_element_index(slots, k_pos, v_pos, h))
+    assert torch.equal(kv_read.view(2, len(slots), h, d)[0], k)
+    assert torch.equal(kv_read.view(2, len(slots), h, d)[1], v)
 
 
 def test_kv_layout_probe_refuses_an_unknown_layout(monkeypatch):

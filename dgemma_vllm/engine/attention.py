@@ -122,6 +122,25 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torc
     return flat[blk[:, None, None], heads[None, :, None], pos.to(cache.device)[off][:, None, :]]
 
 
+def kv_element_index(slots: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor,
+                     kv_heads: int) -> torch.Tensor:
+    """The flat element indices of K and V at `slots` in one layer's contiguous CPU cache
+    ``[blocks, kv_heads, 2 * block_size, head_dim]`` (each block and head: its K half, then its
+    V half, laid out as `k_pos` / `v_pos`, ``kv_layout``): int64 ``[2 * n * kv_heads *
+    head_dim]``, K's ``[n, kv_heads, head_dim]`` then V's. Every sliding layer of a KV-cache group
+    has the same cache geometry, so one index per step serves them all: one ``index_select`` a
+    layer instead of two broadcast advanced-indexing gathers (``_gather``; 16 against 179 us for
+    one 31-token prefix on a 2-core EPYC, 125 against 693 us for sixteen)."""
+    bs, d = k_pos.shape
+    half = bs * d
+    blk, off = slots // bs, slots % bs
+    base = (blk * (kv_heads * 2 * half))[:, None, None] \
+        + (torch.arange(kv_heads, device=slots.device) * (2 * half))[None, :, None]
+    k = base + k_pos.to(slots.device)[off][:, None, :]
+    v = base + half + v_pos.to(slots.device)[off][:, None, :]
+    return torch.cat([k.flatten(), v.flatten()])
+
+
 def image_blocks(cm) -> list[tuple[int, int, int, int, int]] | None:
     """Each image of vLLM's ``mm_req_doc_ranges`` that this step's queries meet, as
     ``(sequence, image start, first query, last query, first query's row)`` (positions,
@@ -259,13 +278,30 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         if md.dg_canvas_window is None:
             return
         nb, h, bs, _ = kv_cache.shape
-        k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
         k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, self.head_size)
         hk, d = self.num_kv_heads, self.head_size
-        for c, rows, slots, keep in md.dg_canvas_window:
+        flat = kv_cache.view(-1) if kv_cache.is_contiguous() else None
+        if flat is None:
+            k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
+        # the element indices of each group's prefix K/V, built by the first sliding layer of
+        # the step that reads this cache geometry and reused by the others (the metadata is per
+        # step and KV-cache group)
+        cached = getattr(md, "dg_window_index", None)
+        if cached is None:
+            cached = md.dg_window_index = {}
+        geo = (layer.isa, kv_cache.dtype, nb, h, bs, d)
+        index = cached.get(geo) if flat is not None else None
+        if index is None and flat is not None:
+            index = cached[geo] = [kv_element_index(slots, k_pos, v_pos, h)
+                                   for _, _, slots, _ in md.dg_canvas_window]
+        for j, (c, rows, slots, keep) in enumerate(md.dg_canvas_window):
             b = keep.shape[0]
-            kp = _gather(k_cache, slots, k_pos).view(b, -1, hk, d)  # [B, n, kv_heads, d]
-            vp = _gather(v_cache, slots, v_pos).view(b, -1, hk, d)
+            if flat is not None:
+                kvp = flat.index_select(0, index[j]).view(2, b, -1, hk, d)
+                kp, vp = kvp[0], kvp[1]  # [B, n, kv_heads, d]
+            else:
+                kp = _gather(k_cache, slots, k_pos).view(b, -1, hk, d)
+                vp = _gather(v_cache, slots, v_pos).view(b, -1, hk, d)
             k = torch.cat([kp, key[rows].view(b, c, hk, d)], 1).transpose(1, 2).float()
             v = torch.cat([vp, value[rows].view(b, c, hk, d)], 1).transpose(1, 2).float()
             q = query[rows].view(b, c, self.num_heads, d).transpose(1, 2).float()
