@@ -151,7 +151,14 @@ def vllm_engine(path, args, diffusion: bool, system: str = "plugin"):
         kw.update(enforce_eager=True)
     from dgemma_vllm.engine.stats import engine_env
 
-    env = (getattr(args, "alt_env_dict", None) or {}) if system == "plugin_alt" else {}
+    env = dict(getattr(args, "plugin_env_dict", None) or {}) if diffusion else {}
+    if system == "plugin_alt":
+        env.update(getattr(args, "alt_env_dict", None) or {})
+    if env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        # in-process engine: vLLM sizes the KV cache as the utilization's share less this
+        # process's RSS, which holds every other in-process engine of the run; an explicit
+        # size instead (2 GiB: far more than these benchmarks' sequences use)
+        kw.update(kv_cache_memory_bytes=2 << 30)
     with engine_env(**env):  # inherited by the engine's processes, spawned now
         t0 = time.perf_counter()
         llm = LLM(str(path), **kw)
@@ -392,6 +399,9 @@ def write_report(rows, meta, out: Path):
           f"- engine start: {meta.get('engine_start_s')}",
           f"- cores reserved by vLLM (VLLM_CPU_NUM_OF_RESERVED_CPU): {meta.get('reserved_cpus')}; "
           f"torch threads of this process (the reference): {meta.get('reference_threads')}",
+          f"- plugin systems' environment (--plugin-env): {meta.get('plugin_env') or 'none'}; "
+          f"plugin_alt's (--alt-env): {meta.get('alt_env') or 'none'}; hf_overrides: "
+          f"plugin {meta.get('hf_overrides')}, plugin_alt {meta.get('alt_hf_overrides')}",
           "", *lines, ""]
     (out / "results.md").write_text("\n".join(md))
     try:
@@ -521,6 +531,12 @@ def main(argv=None):
     ap.add_argument("--alt-env", default=None,
                     help="KEY=VALUE[,KEY=VALUE]: environment of the plugin_alt engine's processes "
                          "only (e.g. DGEMMA_TWO_RPC_STEP=1: vLLM's two RPCs per engine step)")
+    ap.add_argument("--plugin-env", default=None,
+                    help="KEY=VALUE[,KEY=VALUE]: environment of every plugin system's engine (plugin, "
+                         "plugin_eager, plugin_alt; --alt-env adds to it for plugin_alt), e.g. "
+                         "VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM's in-process engine, the plugin's "
+                         "recommended offline setting on a small CPU (README, 'Speed'); the "
+                         "autoregressive systems keep vLLM's defaults")
     ap.add_argument("--systems", default="plugin,ar,ar_eager,reference",
                     help="plugin; plugin_alt (plugin with --alt-hf-overrides); plugin_eager (the plugin with enforce_eager: the compiled "
                          "forward's before/after in one run); ar (the autoregressive twin with vLLM's defaults: compiled); "
@@ -559,12 +575,15 @@ def main(argv=None):
     args.alt_hf_overrides_dict = json.loads(args.alt_hf_overrides) if args.alt_hf_overrides else None
     if args.alt_hf_overrides_dict is not None and not isinstance(args.alt_hf_overrides_dict, dict):
         ap.error(f"--alt-hf-overrides must be a JSON object (got {args.alt_hf_overrides})")
-    args.alt_env_dict = {}
-    for item in filter(None, (args.alt_env or "").split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            ap.error(f"--alt-env must be KEY=VALUE[,KEY=VALUE] (got {args.alt_env})")
-        args.alt_env_dict[key] = value
+    for flag in ("alt_env", "plugin_env"):
+        parsed = {}
+        for item in filter(None, (getattr(args, flag) or "").split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                ap.error(f"--{flag.replace('_', '-')} must be KEY=VALUE[,KEY=VALUE] "
+                         f"(got {getattr(args, flag)})")
+            parsed[key] = value
+        setattr(args, flag + "_dict", parsed)
     if args.modes == "constrained":
         # structured-output constraints against unconstrained requests on one plugin engine,
         # interleaved (benchmarks/sampling_cost.py): the first --steps value, --repeat runs
@@ -661,6 +680,7 @@ def main(argv=None):
                 geometry=args.geometry, dtype=args.dtype, prompt_len=args.prompt_len,
                 output_len=args.output_len, steps=steps_list,
                 hf_overrides=args.hf_overrides_dict, alt_hf_overrides=args.alt_hf_overrides_dict, alt_env=args.alt_env_dict or None,
+                plugin_env=args.plugin_env_dict or None,
                 reserved_cpus=os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"),
                 reference_threads=torch.get_num_threads(),
                 engine_start_s={k: round(v, 1) for k, v in starts.items()})
