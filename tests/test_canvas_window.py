@@ -206,5 +206,12 @@ def test_canvas_window_plan_gathers_each_canvas_prefix_window():
         assert keep[j, 0, 0, n:].all()
         assert slots.view(2, n)[j, :cnt].tolist() == want.tolist()
     rows, slots, keep = by_c[3]
-    assert rows.tolist() == list(range(qsl[4], qsl[5])) and keep.all() and keep.shape[-1] == 7 + 3
+    # one canvas (adjacent to nothing): its rows as a slice, read as views by the recompute
+    assert rows == slice(qsl[4], qsl[5]) and keep.all() and keep.shape[-1] == 7 + 3
+    # a batch of canvases alone, adjacent in the batch: one slice over all their rows
+    md2 = SimpleNamespace(dynamic_causal=torch.zeros(2, dtype=torch.int32),
+                          query_start_loc=torch.tensor([0, 4, 8], dtype=torch.int32),
+                          seq_lens=torch.tensor([14, 9], dtype=torch.int32), block_table=bt[:2])
+    (c2, rows2, slots2, _), = A.canvas_window_plan(md2, w, bs)
+    assert c2 == 4 and rows2 == slice(0, 8) and slots2.numel() == 2 * (w - 1)
     assert A.canvas_window_plan(SimpleNamespace(**{**vars(md), "dynamic_causal": torch.ones(5, dtype=torch.int32)}), w, bs) is None
