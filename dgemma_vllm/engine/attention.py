@@ -170,8 +170,8 @@ def canvas_window_plan(md, window: int, block_size: int):
 
     Per group: ``(c, rows, slots, keep)``: ``rows`` the ``[B * c]`` query rows (flat, canvas by
     canvas; a slice when the canvases are adjacent in the batch, as in a batch of canvases alone:
-    views instead of three gathers and a scatter per layer), ``slots`` the ``[B * n]`` paged-cache slots of each canvas's prefix keys (the last
-    ``W - 1`` cached tokens, ``n`` the longest such prefix; shorter ones are padded with their
+    views instead of three gathers and a scatter per layer), ``slots`` the ``[B * n]`` paged-cache
+    slots of each canvas's prefix keys (the last ``W - 1`` cached tokens, ``n`` the longest such prefix; shorter ones are padded with their
     first slot), ``keep`` the ``[B, 1, 1, n + c]`` key mask (prefix keys that exist, then the
     canvas's own). A canvas whose prefix and canvas fit in the window is left out (the kernel's
     symmetric window already sees every key). None when no canvas needs the recompute."""
@@ -200,7 +200,7 @@ def canvas_window_plan(md, window: int, block_size: int):
         n = max(counts)
         b = len(seqs)
         firsts = [q0 for _, q0, _ in seqs]
-        if all(b == a + c for a, b in zip(firsts, firsts[1:])):  # adjacent canvases: one view
+        if all(nxt == cur + c for cur, nxt in zip(firsts, firsts[1:])):  # adjacent: one view
             rows = slice(firsts[0], firsts[0] + len(seqs) * c)
         else:
             rows = (torch.tensor(firsts)[:, None] + torch.arange(c)[None, :]).flatten()
