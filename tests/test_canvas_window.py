@@ -146,10 +146,22 @@ def test_kv_layout_probe_reads_back_what_vllm_wrote(isa, dtype, block_size, head
     k_pos, v_pos = A.kv_layout(isa, dtype, bs, d)
     assert torch.equal(A._gather(kc, slots, k_pos), k)
     assert torch.equal(A._gather(vc, slots, v_pos), v)
-    # the batched recompute's flat index into the whole layer cache: K then V, the same values
-    kv_read = kv.view(-1).index_select(0, A.kv_element_index(slots, k_pos, v_pos, h))
-    assert torch.equal(kv_read.view(2, len(slots), h, d)[0], k)
-    assert torch.equal(kv_read.view(2, len(slots), h, d)[1], v)
+    # the batched recompute's offsets into the whole layer cache: K then V, the same values; on
+    # a contiguous cache and on a strided view as vLLM allocates them (one buffer holding three
+    # layers' blocks side by side, this layer the middle one)
+    shared = torch.zeros(nb, 3, h, bs, 2 * d, dtype=dtype)
+    layer = shared[:, 1]
+    lk, lv = layer.view(nb, h, 2 * bs, d).chunk(2, dim=2)
+    A._ops.cpu_attn_reshape_and_cache(k, v, lk, lv, slots, isa, k_scale=1.0, v_scale=1.0,
+                                      kv_cache_dtype="auto")
+    for cache in (kv, layer):
+        flat = A.flat_cache(cache)
+        assert flat is not None
+        index = A.kv_element_index(slots, k_pos, v_pos, h, *cache.stride()[:2])
+        kv_read = flat.index_select(0, index).view(2, len(slots), h, d)
+        assert torch.equal(kv_read[0], k) and torch.equal(kv_read[1], v)
+    assert not layer.is_contiguous()  # the case the engine meets
+    assert A.flat_cache(kv.transpose(2, 3)) is None  # halves not contiguous: the gathers instead
 
 
 def test_kv_layout_probe_refuses_an_unknown_layout(monkeypatch):

@@ -40,7 +40,8 @@ def inprocess(tiny_ckpt):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         after = runner_stats(llm)
         per_request = request_stats(llm)
-        yield dict(client=type(llm.llm_engine.engine_core).__name__, spec=spec, prompts=prompts, outs=outs, before=before, after=after,
+        yield dict(client=type(llm.llm_engine.engine_core).__name__, spec=spec, prompts=prompts,
+                   outs=outs, before=before, after=after,
                    requests=[per_request[o.request_id.rsplit("-", 1)[0]] for o in outs])
     finally:
         stop_llm(llm)

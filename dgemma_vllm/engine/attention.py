@@ -123,22 +123,35 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torc
 
 
 def kv_element_index(slots: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor,
-                     kv_heads: int) -> torch.Tensor:
-    """The flat element indices of K and V at `slots` in one layer's contiguous CPU cache
-    ``[blocks, kv_heads, 2 * block_size, head_dim]`` (each block and head: its K half, then its
-    V half, laid out as `k_pos` / `v_pos`, ``kv_layout``): int64 ``[2 * n * kv_heads *
-    head_dim]``, K's ``[n, kv_heads, head_dim]`` then V's. Every sliding layer of a KV-cache group
-    has the same cache geometry, so one index per step serves them all: one ``index_select`` a
-    layer instead of two broadcast advanced-indexing gathers (``_gather``; 16 against 179 us for
-    one 31-token prefix on a 2-core EPYC, 125 against 693 us for sixteen)."""
+                     kv_heads: int, block_stride: int, head_stride: int) -> torch.Tensor:
+    """The element offsets of K and V at `slots` in one layer's CPU cache ``[blocks, kv_heads,
+    block_size, 2 * head_dim]`` whose (block, head) halves are contiguous (K's ``block_size *
+    head_dim`` entries, then V's, laid out as `k_pos` / `v_pos`, ``kv_layout``), counted from the
+    tensor's first element with its block and head strides: vLLM's layer caches are strided views
+    (one buffer holds several layers' blocks side by side). int64 ``[2 * n * kv_heads *
+    head_dim]``: K's ``[n, kv_heads, head_dim]`` then V's. Every sliding layer of a KV-cache group
+    has the same geometry and strides, so one index per step serves them all: one
+    ``index_select`` a layer (``flat_cache``) instead of two broadcast advanced-indexing gathers
+    (``_gather``; 16 against 179 us for one 31-token prefix on a 2-core EPYC, 125 against 693 us
+    for sixteen)."""
     bs, d = k_pos.shape
-    half = bs * d
     blk, off = slots // bs, slots % bs
-    base = (blk * (kv_heads * 2 * half))[:, None, None] \
-        + (torch.arange(kv_heads, device=slots.device) * (2 * half))[None, :, None]
+    base = (blk * block_stride)[:, None, None] \
+        + (torch.arange(kv_heads, device=slots.device) * head_stride)[None, :, None]
     k = base + k_pos.to(slots.device)[off][:, None, :]
-    v = base + half + v_pos.to(slots.device)[off][:, None, :]
+    v = base + bs * d + v_pos.to(slots.device)[off][:, None, :]
     return torch.cat([k.flatten(), v.flatten()])
+
+
+def flat_cache(kv_cache: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of one layer's cache ``[blocks, kv_heads, block_size, 2 * head_dim]`` from its
+    first element to its last (``kv_element_index`` offsets index it), or None when a (block,
+    head)'s K and V halves are not one contiguous run."""
+    nb, h, bs, two_d = kv_cache.shape
+    s0, s1, s2, s3 = kv_cache.stride()
+    if s3 != 1 or s2 != two_d:
+        return None
+    return kv_cache.as_strided(((nb - 1) * s0 + (h - 1) * s1 + bs * two_d,), (1,))
 
 
 def image_blocks(cm) -> list[tuple[int, int, int, int, int]] | None:
@@ -285,20 +298,19 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         nb, h, bs, _ = kv_cache.shape
         k_pos, v_pos = kv_layout(layer.isa, kv_cache.dtype, bs, self.head_size)
         hk, d = self.num_kv_heads, self.head_size
-        flat = kv_cache.view(-1) if kv_cache.is_contiguous() else None
+        flat = flat_cache(kv_cache)
         if flat is None:
             k_cache, v_cache = kv_cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
-        # the element indices of each group's prefix K/V, built by the first sliding layer of
-        # the step that reads this cache geometry and reused by the others (the metadata is per
-        # step and KV-cache group)
-        cached = getattr(md, "dg_window_index", None)
-        if cached is None:
-            cached = md.dg_window_index = {}
-        geo = (layer.isa, kv_cache.dtype, nb, h, bs, d)
-        index = cached.get(geo) if flat is not None else None
-        if index is None and flat is not None:
-            index = cached[geo] = [kv_element_index(slots, k_pos, v_pos, h)
-                                   for _, _, slots, _ in md.dg_canvas_window]
+        else:
+            # each group's K/V offsets: built by the first sliding layer of the step (they
+            # depend on the layer tensor's strides, which the metadata builder does not see)
+            # and reused by the others, which share geometry and strides
+            memo = md.__dict__.setdefault("dg_window_index", {})
+            geo = (layer.isa, kv_cache.dtype, h, bs, d, *kv_cache.stride()[:2])
+            index = memo.get(geo)
+            if index is None:
+                index = memo[geo] = [kv_element_index(g[2], k_pos, v_pos, h, *geo[-2:])
+                                     for g in md.dg_canvas_window]
         for j, (c, rows, slots, keep) in enumerate(md.dg_canvas_window):
             b = keep.shape[0]
             if flat is not None:
