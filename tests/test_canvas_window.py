@@ -227,3 +227,36 @@ def test_canvas_window_plan_gathers_each_canvas_prefix_window():
     (c2, rows2, slots2, _), = A.canvas_window_plan(md2, w, bs)
     assert c2 == 4 and rows2 == slice(0, 8) and slots2.numel() == 2 * (w - 1)
     assert A.canvas_window_plan(SimpleNamespace(**{**vars(md), "dynamic_causal": torch.ones(5, dtype=torch.int32)}), w, bs) is None
+
+
+def test_window_covers_all_only_when_every_row_is_recomputed():
+    """The impl skips vLLM's kernel on a sliding layer only when the exact window recomputes every
+    query row of the step (a batch of canvases alone, each past its window): not with a causal
+    row, a canvas within its window, or an image in the step."""
+    from types import SimpleNamespace
+
+    from dgemma_vllm.engine import attention as A
+
+    w, bs = 8, 4
+    bt = torch.arange(16, dtype=torch.int32).view(2, 8)
+
+    def md(flags, q_lens, prefixes, images=None):
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        m = SimpleNamespace(dynamic_causal=torch.tensor(flags, dtype=torch.int32),
+                            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+                            seq_lens=torch.tensor([p + n for p, n in zip(prefixes, q_lens)],
+                                                  dtype=torch.int32),
+                            block_table=bt[:len(flags)], num_actual_tokens=qsl[-1],
+                            dg_images=images)
+        m.dg_canvas_window = A.canvas_window_plan(m, w, bs)
+        return m
+
+    assert A.window_covers_all(md([0, 0], [4, 4], [10, 6]))  # both past the window
+    assert not A.window_covers_all(md([0, 1], [4, 4], [10, 6]))  # a causal row
+    assert not A.window_covers_all(md([0, 0], [4, 4], [10, 2]))  # 2 + 4 fits the window
+    assert not A.window_covers_all(md([0, 0], [4, 4], [10, 6], images=[(0, 1, 2, 3, 0)]))
+    padded = md([0, 0], [4, 4], [10, 6])
+    padded.num_actual_tokens += 1  # a row the plan does not cover
+    assert not A.window_covers_all(padded)

@@ -232,12 +232,31 @@ def _kv_slots(md, i: int, pos: torch.Tensor, bs: int) -> torch.Tensor:
     return bt[pos // bs].long() * bs + pos % bs
 
 
+def window_covers_all(md) -> bool:
+    """Whether the exact canvas window (``md.dg_canvas_window``) recomputes every query row of
+    the step: a batch of canvases alone, each past its window. Then vLLM's kernel pass over those
+    rows on a sliding layer would be overwritten entirely, and the impl skips it."""
+    groups = getattr(md, "dg_canvas_window", None)
+    if not groups or getattr(md, "dg_images", None):
+        return False
+    return sum(c * keep.shape[0] for c, _, _, keep in groups) == md.num_actual_tokens
+
+
 class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
+        md = attn_metadata
+        if (md is not None and key is not None and value is not None
+                and self.sliding_window not in (None, -1) and _canvas_window == "reference"
+                and output_scale is None and output_block_scale is None
+                and md.__dict__.get("dg_window_all", False)):
+            # every row is a canvas row that the recompute below writes: the kernel's pass over
+            # them (its symmetric window) would be thrown away, ~1/6 of small's forward at 16
+            # canvases (benchmarks/RESULTS.md); its K/V write is vLLM's separate cache update
+            self._fix_canvas_rows(layer, query, key, value, kv_cache, md, output)
+            return output
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                               output_scale, output_block_scale)
-        md = attn_metadata
         if md is None:
             return out
         if getattr(md, "dg_images", None):
@@ -391,6 +410,7 @@ class DGemmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         md.dg_images = image_blocks(common_attn_metadata)
         if _canvas_window == "reference" and self.window_size not in (None, -1):
             md.dg_canvas_window = canvas_window_plan(md, self.window_size, self.block_size)
+            md.dg_window_all = window_covers_all(md)
         return md
 
 
