@@ -9,8 +9,8 @@ Plugin options travel on the HF config (so every process sees them) and are set 
 - ``dgemma_head_tile``: vocabulary columns per tile of the canvas head (default 4096 on CPU,
   32768 on GPU; see ``dgemma_vllm/refine/head.py``): the head's temporaries are bounded by it,
   whatever the number of requests.
-- ``dgemma_head_compile``: fuse each head tile's elementwise passes (softcap, max, exp, sums,
-  cumsum) with ``torch.compile`` for unseeded requests (default true on CPU, false on GPU, where
+- ``dgemma_head_compile``: fuse each head tile's elementwise passes after the softcap (max, exp,
+  sums, cumsum) with ``torch.compile`` for unseeded requests (default true on CPU, false on GPU, where
   it has not been measured); compiled once at engine start, the eager passes if that fails.
   Seeded requests always take the eager passes (the reference's bits).
 - ``dgemma_steps_per_engine_step``: denoising steps run inside one engine step when the batch holds

@@ -428,20 +428,37 @@ def tile_stats(raw: torch.Tensor, softcap: float, sched_t: torch.Tensor):
     return z, mz, iz, e, e.sum(-1), (e * zm).sum(-1), e.cumsum(-1)
 
 
+def tile_rest(z: torch.Tensor):
+    """``tile_stats`` after the softcap: everything but the tanh, for a compiler to fuse."""
+    mz, iz = z.max(-1)
+    zm = (z - mz[:, None]).clamp(min=EXP_FLOOR)
+    e = zm.exp()
+    return z, mz, iz, e, e.sum(-1), (e * zm).sum(-1), e.cumsum(-1)
+
+
 def compiled_tile_stats(softcap: float, dtype: torch.dtype = torch.float32, warm_rows: int = 3,
                         warm_cols: int = 64, device=None) -> Callable | None:
-    """``tile_stats`` through ``torch.compile`` (inductor: one C++ loop nest on CPU instead of
-    nine passes over the tile; 146-149 -> 127-128 ms per medium head step of 256 rows, measured
-    in benchmarks/RESULTS.md), compiled here on a small tile of the model's `softcap` and logits
-    `dtype` (what the graph is specialized on), on the model's `device` (a graph warmed on host
-    tensors would be compiled again for the first GPU request), so that no request pays for it
-    (dynamic shapes: one graph for every tile width and row count above 1). None, with a
-    warning, if it cannot be compiled here (e.g. no C++ compiler): the caller keeps the eager
-    passes."""
+    """``tile_stats`` with its passes after the softcap through ``torch.compile`` (inductor: one
+    C++ loop nest on CPU instead of seven passes over the tile; 146-149 -> 127-128 ms per medium
+    head step of 256 rows, measured in benchmarks/RESULTS.md), compiled here on a small tile of
+    the model's logits `dtype`, on the model's `device` (a graph warmed on host tensors would be
+    compiled again for the first GPU request), so that no request pays for it (dynamic shapes:
+    one graph for every tile width and row count above 1). The softcap itself stays ATen's
+    in-place ``softcap_`` on the tile's fresh matmul output (`raw` is overwritten): compiled into
+    the loop nest, inductor evaluates the tanh again in each consumer loop (max, sums, cumsum),
+    and a tanh costs ~3x an exp on CPU, so the whole-function graph was slower than the eager
+    passes at 32 rows (1.27 against 0.96 ms for 32 x 4096 on the 2-core AVX2 machine; this
+    split: 0.95; 512 x 1024: 4.55 whole, 3.28 split, 9.60 eager). The values are the eager
+    passes' bit for bit up to the compiled reductions' rounding. None, with a warning, if it
+    cannot be compiled here (e.g. no C++ compiler): the caller keeps the eager passes."""
     import logging
 
     try:
-        fn = torch.compile(tile_stats, dynamic=True)
+        rest = torch.compile(tile_rest, dynamic=True)
+
+        def fn(raw, cap, sched_t):
+            return rest(softcap_(raw, cap).div_(sched_t))
+
         with torch.no_grad():
             fn(torch.randn(warm_rows, warm_cols, dtype=dtype, device=device), softcap,
                torch.full((warm_rows, 1), 0.5, device=device))
