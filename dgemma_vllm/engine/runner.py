@@ -34,7 +34,7 @@ from dgemma_vllm.refine.grammar import (ReasoningGate, advance, grammar_start, p
                                         valid_prefix)
 from dgemma_vllm.refine.logprobs import token_logprobs, top_ids
 from dgemma_vllm.refine.head import (compiled_tile_stats, finish_steps, head_batch, head_logits,
-                                     head_step, profile_head)
+                                     head_step, is_tiled, profile_head)
 from dgemma_vllm.refine.params import (from_generation_config, parse_request_knobs,
                                        server_overrides)
 from dgemma_vllm.refine.sampler import CanvasState, temperature
@@ -180,12 +180,14 @@ class DGemmaRunnerMixin:
                                  if not self.dg_cpu and opts["canvas_window"] == "reference" else 0)
         self.dg_vocab_slice = None  # built on first use (after the weights are loaded)
         # the head tile's fused elementwise passes, compiled now (engine start), not in a request;
-        # also for a vocabulary within one tile: unseeded rows take the tile path there too
-        # (refine/head.py), and before this only the tiled case got the fused pass, so the
-        # small-vocabulary benchmarks ran the eager passes (tanh alone 0.33 ms of a lean step)
+        # not at all where the head never tiles (a vocabulary within one tile, one rank): its
+        # unseeded rows take the tile path there too, but the compiled pass measured no faster
+        # in an engine (small, 8 steps per engine step: 280 / 1080 against 290 / 1183 tok/s
+        # eager at concurrency 1 / 16, benchmarks/results/cpu-small-head-compile-2026-12-03)
+        tiled = is_tiled(self.dg_vocab, self.parallel_config.tensor_parallel_size, self.dg_head_tile)
         self.dg_softcap = softcap_of(mc.hf_config)
         self.dg_tile_stats = (compiled_tile_stats(self.dg_softcap, mc.dtype, device=self.device)
-                              if head_compile(opts, device_type) else None)
+                              if tiled and head_compile(opts, device_type) else None)
         self.dg_group = int(opts["steps_per_engine_step"])
         self.dg_inner_steps = 0  # denoising steps run inside an engine step (after its first)
         # where an engine step's time goes (host clock, summed; on a GPU the forward's kernels
