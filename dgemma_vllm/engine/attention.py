@@ -184,9 +184,9 @@ def canvas_window_plan(md, window: int, block_size: int):
     Per group: ``(c, rows, slots, keep)``: ``rows`` the ``[B * c]`` query rows (flat, canvas by
     canvas; a slice when the canvases are adjacent in the batch, as in a batch of canvases alone:
     views instead of three gathers and a scatter per layer), ``slots`` the ``[B * n]`` paged-cache
-    slots of each canvas's prefix keys (the last ``W - 1`` cached tokens, ``n`` the longest such prefix; shorter ones are padded with their
-    first slot), ``keep`` the ``[B, 1, 1, n + c]`` key mask (prefix keys that exist, then the
-    canvas's own). A canvas whose prefix and canvas fit in the window is left out (the kernel's
+    slots of each canvas's prefix keys (the last ``W - 1`` cached tokens, ``n`` the longest such
+    prefix; shorter ones are padded with their first slot), ``keep`` the ``[B, 1, 1, n + c]`` key
+    mask (prefix keys that exist, then the canvas's own). A canvas whose prefix and canvas fit in the window is left out (the kernel's
     symmetric window already sees every key). None when no canvas needs the recompute."""
     if md.dynamic_causal is None:
         return None
@@ -249,7 +249,7 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
         if (md is not None and key is not None and value is not None
                 and self.sliding_window not in (None, -1) and _canvas_window == "reference"
                 and output_scale is None and output_block_scale is None
-                and md.__dict__.get("dg_window_all", False)):
+                and getattr(md, "dg_window_all", False)):
             # every row is a canvas row that the recompute below writes: the kernel's pass over
             # them (its symmetric window) would be thrown away, ~1/6 of small's forward at 16
             # canvases (benchmarks/RESULTS.md); its K/V write is vLLM's separate cache update

@@ -421,11 +421,7 @@ def tile_stats(raw: torch.Tensor, softcap: float, sched_t: torch.Tensor):
     place, pass by pass. Returns the processed logits ``z = tanh(raw / softcap) * softcap /
     sched_t``, their row max and argmax, ``e = exp(max(z - max, EXP_FLOOR))``, ``sum e``,
     ``sum e (z - max)`` and ``cumsum e`` (the tile's inverse-CDF draw)."""
-    z = torch.tanh(raw.float() / softcap) * softcap / sched_t  # fp32, as softcap_
-    mz, iz = z.max(-1)
-    zm = (z - mz[:, None]).clamp(min=EXP_FLOOR)
-    e = zm.exp()
-    return z, mz, iz, e, e.sum(-1), (e * zm).sum(-1), e.cumsum(-1)
+    return tile_rest(torch.tanh(raw.float() / softcap) * softcap / sched_t)  # fp32, as softcap_
 
 
 def tile_rest(z: torch.Tensor):
@@ -439,8 +435,9 @@ def tile_rest(z: torch.Tensor):
 def compiled_tile_stats(softcap: float, dtype: torch.dtype = torch.float32, warm_rows: int = 3,
                         warm_cols: int = 64, device=None) -> Callable | None:
     """``tile_stats`` with its passes after the softcap through ``torch.compile`` (inductor: one
-    C++ loop nest on CPU instead of seven passes over the tile; 146-149 -> 127-128 ms per medium
-    head step of 256 rows, measured in benchmarks/RESULTS.md), compiled here on a small tile of
+    C++ loop nest on CPU instead of seven passes over the tile; the earlier whole-function graph
+    measured 146-149 -> 127-128 ms per medium head step of 256 rows in benchmarks/RESULTS.md, this
+    split form was not measured on medium in an engine), compiled here on a small tile of
     the model's logits `dtype`, on the model's `device` (a graph warmed on host tensors would be
     compiled again for the first GPU request), so that no request pays for it (dynamic shapes:
     one graph for every tile width and row count above 1). The softcap itself stays ATen's
