@@ -50,3 +50,50 @@ def test_plans_of_prefill_only_and_denoise_only_batches():
 def test_one_position_canvas_commits_in_one_row():
     r = plan_row(RowView("r", drafts=1, canvas=1, commit=1))
     assert (r.mode, r.n) == (COMMIT, 1)
+
+
+def test_ends_request_agrees_with_vllms_check_stop():
+    """The rule by which the runner returns a last canvas from its last denoising step (no
+    commit pass: the tokens' K/V are never written causally) must be vLLM's own: each random
+    case is played through vLLM's ``check_stop`` token by token, as its scheduler does
+    (``_update_request_with_output``), and must end the request exactly when ``ends_request``
+    says so. A rule that forgot ``max_model_len``, a stop id, or counted the prompt as output
+    fails here."""
+    import random
+
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.utils import check_stop
+    from vllm.v1.request import Request
+
+    from dgemma_vllm.engine.plan import ends_request
+
+    rng = random.Random(7)
+    eos, vocab, seen = 2, 40, set()
+    for case in range(600):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 12))]
+        done = rng.randrange(0, 20)  # output tokens committed before this canvas
+        max_len = len(prompt) + done + rng.randrange(1, 24)
+        stops = rng.sample(range(3, vocab), rng.randrange(0, 3))
+        max_tokens = done + rng.randrange(1, 24)
+        sp = SamplingParams(max_tokens=max_tokens, stop_token_ids=stops,
+                            min_tokens=rng.choice([0, 0, max_tokens]))
+        if rng.random() < 0.7:
+            sp._eos_token_id = eos
+        pool = [eos] + stops if rng.random() < 0.4 else []
+        ids = [rng.choice(pool) if pool and rng.random() < 0.15 else rng.randrange(3, vocab)
+               for _ in range(rng.randrange(1, 17))]
+        req = Request(f"r{case}", prompt, sp, None)
+        earlier = [rng.randrange(3, vocab) for _ in range(done)]
+        req.append_output_token_ids(earlier)
+        stopped = False
+        for tok in ids:
+            req.append_output_token_ids(tok)
+            if check_stop(req, max_len):
+                stopped = True
+                break
+        all_stops = set(stops) | ({eos} if sp.eos_token_id is not None else set())
+        got = ends_request(ids, num_output=done, max_tokens=sp.max_tokens, stops=all_stops,
+                           room=max_len - len(prompt) - done)
+        assert got == stopped, (case, prompt, done, max_len, sp, ids)
+        seen.add(stopped)
+    assert seen == {True, False}

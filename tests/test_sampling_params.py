@@ -93,18 +93,22 @@ def _same(got, want):
     assert got[: len(want)] == want and (len(want) == len(got) or want[-1] in EOS_IDS)
 
 
-def _reference(model, seed, n, rules=None, **kw):
+def _reference(model, seed, n, rules=None, steps=3, **kw):
     from transformers import LogitsProcessorList
 
     rules = rules or _Rules(len(PROMPT))
-    toks = ref.generate(model, PROMPT, seed, max_new_tokens=n, max_denoising_steps=3,
+    toks = ref.generate(model, PROMPT, seed, max_new_tokens=n, max_denoising_steps=steps,
                         logits_processor=LogitsProcessorList([rules]), **kw)
     return _cut(toks, n), rules
 
 
-def test_logprobs_are_the_final_steps_raw_log_softmax(llm, model):
-    o = gen(llm, max_tokens=40, seed=21, logprobs=5, ignore_eos=True)[0]
-    want, rules = _reference(model, 21, 40)
+@pytest.mark.parametrize("steps", [3, 1])
+def test_logprobs_are_the_final_steps_raw_log_softmax(llm, model, steps):
+    """With one step per canvas, each canvas after the first is ready after the very forward that
+    commits the one before it (fused): each canvas's tokens must still carry its own logprobs."""
+    o = gen(llm, max_tokens=40, seed=21, logprobs=5, ignore_eos=True,
+            extra_args={"diffusion_max_steps": steps})[0]
+    want, rules = _reference(model, 21, 40, steps=steps)
     assert list(o.token_ids) == want[:40]
     # the last recorded step of each canvas (the sequence grows by a canvas between them)
     finals = {}
@@ -123,6 +127,8 @@ def test_logprobs_are_the_final_steps_raw_log_softmax(llm, model):
         for t in top.indices[:3].tolist():
             if t in alts:
                 assert abs(alts[t].logprob - float(lsm[j, t])) < 2e-3
+    if steps != 3:
+        return
     # logprobs=0: the token's own only
     o0 = gen(llm, max_tokens=8, seed=21, logprobs=0)[0]
     assert all(len(lp) == 1 for lp in o0.logprobs)

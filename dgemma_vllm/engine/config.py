@@ -20,7 +20,8 @@ Plugin options travel on the HF config (so every process sees them) and are set 
   sampling noise (``seeded_noise``; default host on CPU, device on GPU).
 - ``dgemma_fuse_commit``: run a canvas's commit pass and the next canvas's first denoising step in
   one forward (default true): the committed rows causal, the new canvas after them bidirectional,
-  reading their K/V. Token-exact with false (one forward per canvas fewer).
+  reading their K/V; a request's last canvas is returned by its last denoising step, with no
+  commit pass. Token-exact with false (one forward per canvas fewer).
 """
 
 from __future__ import annotations

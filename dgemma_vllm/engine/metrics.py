@@ -23,7 +23,8 @@ Metrics (labels ``model_name``, ``engine``):
 - ``dgemma:canvas_tokens_committed_total``: tokens committed (before EOS / stop / max_tokens cuts).
 - ``dgemma:denoising_steps_per_canvas``: histogram, denoising steps each committed canvas took.
 - ``dgemma:tokens_per_forward``: histogram, per committed canvas: its tokens / its forwards
-  (denoising steps + the commit pass, fused or not).
+  (denoising steps + the commit pass, fused or not; a request's last canvas has no commit pass
+  when its last denoising step returns the tokens).
 - ``dgemma:refinement_batch_size``: histogram, canvases (denoising or committing) per engine step.
 """
 
@@ -54,10 +55,13 @@ class RefinementMetrics:
     def _observe(self, name: str, value: int) -> None:
         self.counts[f"{PREFIX}h.{name}={int(value)}"] += 1
 
-    def record_step(self, canvases: dict[str, int], fused: set[str] = frozenset()) -> None:
+    def record_step(self, canvases: dict[str, int], fused: set[str] = frozenset(),
+                    final=frozenset()) -> None:
         """`canvases`: request id -> tokens the runner returned for its scheduled canvas
         (0 = a denoising step, > 0 = the commit of that many tokens); `fused`: requests whose
-        commit ran in one forward with the next canvas's first denoising step."""
+        commit ran in one forward with the next canvas's first denoising step; `final`: requests
+        whose tokens came from their canvas's last denoising step (the request ends with them:
+        no commit pass)."""
         if not canvases:
             return
         self._observe("refinement_batch_size", len(canvases) + len(fused))
@@ -69,10 +73,14 @@ class RefinementMetrics:
                 self._inc("denoising_steps")
                 continue
             steps = self.steps.pop(req_id, 0)
+            forwards = steps + 1  # the commit pass (fused or not)
+            if req_id in final:  # this step denoised, then committed: no pass of its own
+                steps = forwards
+                self._inc("denoising_steps")
             self._inc("canvases_committed")
             self._inc("canvas_tokens_committed", got)
             self._observe("denoising_steps_per_canvas", steps)
-            self._observe("tokens_per_forward", round(MILLI * got / (steps + 1)))
+            self._observe("tokens_per_forward", round(MILLI * got / forwards))
             if req_id in fused:  # the next canvas's first denoising step
                 self.steps[req_id] = 1
                 self._inc("denoising_steps")

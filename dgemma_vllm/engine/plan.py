@@ -81,6 +81,22 @@ class StepPlan:
         return out
 
 
+def ends_request(ids, *, num_output: int, max_tokens: int | None, stops, room: int) -> bool:
+    """Whether committing `ids` ends the request, by the rules of vLLM's ``check_stop``
+    (v1/core/sched/utils.py): ``max_tokens`` reached (`num_output`: output tokens committed so
+    far), EOS or a stop id among them (`stops`; vLLM checks them before ``min_tokens``, which the
+    canvas's logit edits enforce), or no room left under max_model_len (`room`: positions left
+    before committing). Stop strings and repetition detection are not foreseen: a request they end
+    just ran the canvas rows of one more forward. The scheduler (one row for a commit that ends
+    its request) and the runner (a last canvas returned by its last denoising step) both decide by
+    it; a wrong True would leave committed tokens without their causal K/V."""
+    if max_tokens is not None and num_output + len(ids) >= max_tokens:
+        return True
+    if not set(stops).isdisjoint(ids):
+        return True
+    return room - len(ids) <= 0
+
+
 def plan_row(v: RowView) -> RowPlan:
     """One row's decision; see the module doc. A row whose drafts are not what its state calls
     for (a partial canvas cut by the token budget, a fused request without room) is IDLE: it

@@ -42,7 +42,7 @@ from dgemma_vllm.refine.sampler import CanvasState, temperature
 from . import vllm_api as V
 from .grammars import backend_for, matcher_for
 from .plan import (COMMIT, DENOISE, FUSED, IDLE, LAST, PREFILL, RowPlan, RowView, StepPlan,
-                   plan_step)
+                   ends_request, plan_step)
 from .config import (canvas_length_of, canvas_positions, head_budget, head_compile, head_tile,
                      plugin_options, seeded_noise)
 
@@ -199,6 +199,11 @@ class DGemmaRunnerMixin:
         self.dg_t_enter = None
         self.dg_fused_commits = 0  # commits run in one forward with the next canvas's first step
         self.dg_last_commits = 0  # commits that ended their request, run as one row
+        # last canvases returned by their last denoising step (the request ends with them: no
+        # commit pass; with dgemma_fuse_commit, as the scheduler's one-row last commit)
+        self.dg_final_commits = 0
+        self.dg_fuse = bool(opts["fuse_commit"])
+        self.dg_final: set[str] = set()  # this step's such requests, for the scheduler's metrics
         self.dg_head_rows = 0  # rows the vocabulary head ran on (canvas rows of denoising steps)
         self.dg_commit_rows = 0  # committed-token rows run through the model (no head)
         self.dg_canvas_forwards = 0  # forwards with canvas rows (one head pass, one SC MLP call)
@@ -209,6 +214,9 @@ class DGemmaRunnerMixin:
         self.dg_fused_ids: dict[str, torch.Tensor] = {}  # committed ids of this step's fused rows
         # logprobs of canvases ready to commit (requests that ask for them), until returned
         self.dg_logprobs: dict = {}
+        # the same of this step's fused rows (taken at the commit: the new canvas may be ready
+        # to commit after this very forward, and its logprobs then land in dg_logprobs)
+        self.dg_fused_lp: dict = {}
         # pipeline stages: output tokens of each request already handed to the other stages
         self.dg_mirrored: dict[str, int] = {}
         # (reasoning_ended, parser kwargs) of new constrained requests under a reasoning parser,
@@ -232,6 +240,7 @@ class DGemmaRunnerMixin:
     def dg_runner_stats(self) -> dict:
         return {"engine_steps": self.dg_steps, "inner_steps": self.dg_inner_steps,
                 "fused_commits": self.dg_fused_commits, "last_commits": self.dg_last_commits,
+                "final_commits": self.dg_final_commits,
                 "head_rows": self.dg_head_rows, "commit_rows": self.dg_commit_rows,
                 "canvas_forwards": self.dg_canvas_forwards, "one_rpc_steps": self.dg_one_rpc_steps,
                 # per-request state held now (0 when no request is running: no leak)
@@ -294,6 +303,7 @@ class DGemmaRunnerMixin:
         self.dg_ready.pop(req_id, None)
         self.dg_fused_ids.pop(req_id, None)
         self.dg_logprobs.pop(req_id, None)
+        self.dg_fused_lp.pop(req_id, None)
 
     def _dg_inject(self, where: str, req_id: str) -> None:
         req = self.requests.get(req_id) if self.dg_faults else None
@@ -309,6 +319,7 @@ class DGemmaRunnerMixin:
             self.dg_reasoning_in.pop(req_id, None)
             st = self.dg_states.pop(req_id, None)
             self.dg_logprobs.pop(req_id, None)
+            self.dg_fused_lp.pop(req_id, None)
             self.dg_mirrored.pop(req_id, None)
             if st is not None:
                 self.dg_finished[req_id] = st.stats()
@@ -511,6 +522,8 @@ class DGemmaRunnerMixin:
         if rp.mode == FUSED:
             committed = self._dg_finish_commit(st)
             self.dg_fused_ids[rp.req_id] = committed
+            if rp.req_id in self.dg_logprobs:
+                self.dg_fused_lp[rp.req_id] = self.dg_logprobs.pop(rp.req_id)
             self.dg_fused_commits += 1
             self.dg_commit_rows += rp.committed
             st.start_canvas(rp.n)
@@ -775,6 +788,23 @@ class DGemmaRunnerMixin:
                         draft = draft[:start + valid_prefix(st.grammar, draft[start:])]
                 self.dg_drafts[req_id] = (draft, st.steps_this_canvas)
 
+    def _dg_ends_here(self, row: int, req_id: str) -> bool:
+        """Whether the canvas of `row` (a denoising step) is ready and its tokens end the request
+        (engine/plan.py ``ends_request``, the scheduler's rule for a one-row last commit): then
+        this step returns them (with ``dgemma_fuse_commit``; off, every canvas has its commit
+        pass)."""
+        st = self.dg_states[req_id]
+        if not self.dg_fuse or st.commit is None:
+            return False
+        sp = self.requests[req_id].sampling_params
+        stops = set(sp.stop_token_ids or ())  # as the scheduler's, vLLM's check_stop
+        if sp.eos_token_id is not None:
+            stops.add(sp.eos_token_id)
+        ib = self.input_batch
+        done = int(ib.num_tokens_no_spec[row])  # committed tokens: prompt + output
+        return ends_request(st.commit.tolist(), num_output=done - int(ib.num_prompt_tokens[row]),
+                            max_tokens=sp.max_tokens, stops=stops, room=self.max_model_len - done)
+
     def _dg_wants_lp(self, req_id: str) -> bool:
         return self.requests[req_id].sampling_params.logprobs is not None
 
@@ -798,12 +828,15 @@ class DGemmaRunnerMixin:
             self.dg_t_enter = None
         drafts, self.dg_drafts = self.dg_drafts, {}
         ready, self.dg_ready = self.dg_ready, {}
+        final, self.dg_final = self.dg_final, set()
         failed, self.dg_failed = self.dg_failed, {}
         if isinstance(out, V.ModelRunnerOutput) and out is not V.EMPTY_MODEL_RUNNER_OUTPUT:
             if drafts:
                 out.dgemma_drafts = drafts
             if ready:
                 out.dgemma_ready = ready
+            if final:
+                out.dgemma_final = final
             if failed:
                 out.dgemma_failed = failed
         elif failed:  # nothing to carry them this step: report them with the next output
@@ -880,7 +913,16 @@ class DGemmaRunnerMixin:
                     out[row] = self._dg_finish_commit(self.dg_states[req_id]).tolist()
                 elif mode == FUSED:  # committed in _prepare_inputs, before the new canvas started
                     out[row] = self.dg_fused_ids.pop(req_id).tolist()
-                if out[row] and req_id in self.dg_logprobs:
+                    if req_id in self.dg_fused_lp:
+                        emitted[row] = self.dg_fused_lp.pop(req_id)
+                elif mode == DENOISE and self._dg_ends_here(row, req_id):
+                    # the request's last canvas: its tokens now, no commit pass (their K/V,
+                    # the canvas's, are never read; the scheduler rolls nothing back)
+                    self._dg_inject("commit", req_id)
+                    out[row] = self._dg_finish_commit(self.dg_states[req_id]).tolist()
+                    self.dg_final.add(req_id)
+                    self.dg_final_commits += 1
+                if out[row] and mode != FUSED and req_id in self.dg_logprobs:
                     emitted[row] = self.dg_logprobs.pop(req_id)
                 if out[row] and self.dg_capture_dir and req_id in self.dg_capture:
                     self._dg_flush_capture(req_id)

@@ -14,8 +14,11 @@ Commits share forwards (``dgemma_fuse_commit``, default on): the runner reports 
 commit next, with their tokens. When the request goes on after them, the commit and the next
 canvas's first denoising step run in one forward (``n + m`` drafts: ``n`` committed rows, then the
 ``m``-row canvas, which is rolled back as usual). When the tokens end the request, their K/V
-would never be read: one draft is scheduled, the runner returns the ``n`` tokens (vLLM then
-counts ``n`` computed tokens) and ``check_stop`` ends the request inside them.
+would never be read, so no commit pass runs: the runner returns them from the canvas's last
+denoising step itself (``dgemma_final``: vLLM takes them as accepted drafts and ``check_stop``
+ends the request inside them). Only a canvas that is ready after the very forward that fused its
+start (one denoising step per canvas) still needs a step of its own: one draft is scheduled and
+the runner returns the ``n`` tokens from that one row.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 from . import vllm_api as V
 from .config import canvas_length_of, canvas_positions, plugin_options
 from .metrics import RefinementMetrics
+from .plan import ends_request
 
 PLACEHOLDER_ID = 0  # any valid id: the runner overwrites canvas ids before the forward
 
@@ -114,15 +118,14 @@ class DGemmaScheduler(V.Scheduler):
         step. Stop strings and repetition checks are not foreseen here; a request they end
         wastes the fused canvas rows of that one step."""
         sp = req.sampling_params
-        if req.num_output_tokens + len(ids) >= req.max_tokens:
-            return 0
         stops = set(sp.stop_token_ids or ())  # as vLLM's check_stop
         if sp.eos_token_id is not None:
             stops.add(sp.eos_token_id)
-        if not stops.isdisjoint(ids):
+        room = self.max_model_len - req.num_tokens
+        if ends_request(ids, num_output=req.num_output_tokens, max_tokens=req.max_tokens,
+                        stops=stops, room=room):
             return 0
-        room = self.max_model_len - (req.num_tokens + len(ids))
-        return canvas_positions(sp.extra_args, self.canvas_length, room)
+        return canvas_positions(sp.extra_args, self.canvas_length, room - len(ids))
 
     def update_from_output(self, scheduler_output, model_runner_output):
         idx = model_runner_output.req_id_to_index
@@ -139,7 +142,8 @@ class DGemmaScheduler(V.Scheduler):
                         fused.add(req_id)
         self.dg_ready.update(getattr(model_runner_output, "dgemma_ready", None) or {})
         if self.log_stats:
-            self.dg_metrics.record_step(canvases, fused)
+            self.dg_metrics.record_step(canvases, fused,
+                                        getattr(model_runner_output, "dgemma_final", None) or ())
         out = super().update_from_output(scheduler_output, model_runner_output)
         if scheduler_output.finished_req_ids:  # finished or aborted (ready ones: aborted)
             for req_id in [r for r in self.dg_ready if r not in self.requests]:
@@ -149,7 +153,12 @@ class DGemmaScheduler(V.Scheduler):
         drafts = getattr(model_runner_output, "dgemma_drafts", None)
         if drafts:
             self._emit_drafts(drafts, out)
-        failed = getattr(model_runner_output, "dgemma_failed", None)
+        failed = dict(getattr(model_runner_output, "dgemma_failed", None) or {})
+        for req_id in getattr(model_runner_output, "dgemma_final", None) or ():
+            req = self.requests.get(req_id)
+            if req is not None and not req.is_finished():  # ends_request and check_stop disagree:
+                failed[req_id] = ("dgemma_vllm: internal error: the last canvas's tokens did "
+                                  "not end the request")  # its committed K/V were never written
         if failed:
             self._fail(failed, out)
         return out
