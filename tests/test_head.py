@@ -383,6 +383,10 @@ def test_tile_stats_is_the_eager_passes_and_compiles_to_the_same_tokens():
     assert fused is not None, "torch.compile failed on this machine (see the warning)"
     got = fused(raw.clone(), CAP, sched)
     assert torch.equal(got[0], eager[0]) and torch.equal(got[2], eager[2])
+    from dgemma_vllm.refine.head import softcap_fast_  # unseeded rows' softcap, the same split
+
+    assert torch.equal(fused(raw.clone(), CAP, sched, fast=True)[0],
+                       softcap_fast_(raw.clone(), CAP).div_(sched))
     for a, b in zip(got, eager):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-30)
@@ -403,6 +407,42 @@ def test_tile_stats_is_the_eager_passes_and_compiles_to_the_same_tokens():
         assert torch.equal(a.denoiser, b.denoiser) and torch.equal(a.argmax, b.argmax)
         torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.soft, b.soft, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_softcap_is_the_softcap_within_its_stated_bound_and_only_for_unseeded_rows():
+    """``softcap_fast_`` (2c sigmoid(2x / c) - c, the unseeded rows' softcap) is ``softcap_``
+    within c * 2**-21 over the whole range (small, large, saturating and non-finite-free
+    logits), and in fp32 like it; a seeded head still takes the reference's tanh (the seeded
+    tests above hold it to the reference's bits), an unseeded head the fast form (its
+    processed logits differ from the tanh ones in the last bits, which a forgotten switch
+    would not show)."""
+    from dgemma_vllm.refine.head import softcap_, softcap_fast_
+
+    for cap in (30.0, 15.0, 1.0):
+        x = torch.cat([torch.linspace(-40 * cap, 40 * cap, 200001), torch.randn(100000) * cap,
+                       torch.randn(100000) * 1e-3, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+        want = softcap_(x.clone(), cap)
+        got = softcap_fast_(x.clone(), cap)
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= cap * 2.0 ** -21, cap
+        assert got.abs().max().item() <= cap
+    half = softcap_fast_(torch.randn(8, 16).to(torch.bfloat16), 30.0)
+    assert half.dtype == torch.float32
+
+    calls = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    w, hidden = _weights(4)
+    vs = VocabSlice(weight=w, start=0, size=V, vocab=V)
+    for exact, want_op, other in ((True, "tanh_", "sigmoid_"), (False, "sigmoid_", "tanh_")):
+        calls.clear()
+        with Spy():
+            _head(hidden, vs, seed=1, tile=128, exact=exact)
+        assert want_op in calls and other not in calls, (exact, sorted(set(calls)))
 
 
 def test_head_compile_falls_back_to_the_eager_passes(monkeypatch, caplog):
