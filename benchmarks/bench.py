@@ -102,6 +102,23 @@ def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int
     return [[rnd.choice(words) for _ in range(length)] for _ in range(n)]
 
 
+def batches(args, elapsed):
+    """Batch indices of one offline run: batches of `concurrency` requests, one after the other,
+    until the run's generate time (``elapsed()``) reaches ``--min-run-s`` (at least one). A
+    single request of a small geometry takes ~0.1 s here, where one run is too noisy to rank
+    systems by (one run's tokens/s ranged 481-991 at concurrency 1); every system gets the same
+    rule, each batch new prompts (no prefix-cache hits from an earlier batch)."""
+    b = 0
+    while b == 0 or elapsed() < getattr(args, "min_run_s", 0.0):
+        yield b
+        b += 1
+
+
+def batch_seed(conc: int, steps: int, b: int) -> int:
+    """The prompts' seed of batch `b` of a run (batch 0: the seed single-batch runs used)."""
+    return conc * 100 + steps + 7919 * b
+
+
 def summarize(system, mode, conc, steps, tokens, wall, latencies, ttfts, peak, extra=None):
     row = dict(system=system, mode=mode, concurrency=conc, steps=steps, output_tokens=tokens,
                wall_s=wall, tokens_per_s=tokens / wall if wall > 0 else None,
@@ -171,7 +188,6 @@ def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
     from dgemma_vllm.engine.stats import request_stats
 
     diffusion = system in PLUGIN_SYSTEMS
-    prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
     extra = {"diffusion_max_steps": steps} if diffusion else None
     # unseeded, as served traffic is (seeded requests draw the reference's exact noise)
     params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True, extra_args=extra)
@@ -180,10 +196,13 @@ def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
         from dgemma_vllm.engine.stats import runner_stats
 
         before = runner_stats(llm)
+    outs, wall = [], 0.0
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        wall = time.perf_counter() - t0
+        for b in batches(args, lambda: wall):
+            prompts = prompts_for(conc, args.prompt_len, vocab, seed=batch_seed(conc, steps, b))
+            t0 = time.perf_counter()
+            outs += llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            wall += time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     lat, ttft = [], []
     for o in outs:
@@ -200,10 +219,11 @@ def run_vllm_offline(llm, system, conc, steps, args, vocab, canvas):
         steps_total = sum(s["denoising_steps"] for s in mine if s)
         extra_cols = dict(canvases=canv, steps_per_canvas=steps_total / canv if canv else None,
                           tokens_per_forward=tokens / steps_total if steps_total else None,
-                          time_per_canvas_s=(statistics.mean(lat) / (canv / conc)) if lat and canv else None)
+                          time_per_canvas_s=(statistics.mean(lat) / (canv / len(outs))) if lat and canv else None)
         extra_cols.update(step_breakdown(before, runner_stats(llm), wall))
     else:
         extra_cols = dict(tokens_per_forward=1.0)
+    extra_cols["batches"] = len(outs) // conc
     return summarize(system, "offline", conc, steps if diffusion else None, tokens, wall, lat, ttft,
                      mem.peak, extra_cols)
 
@@ -241,23 +261,28 @@ def run_reference(model, conc, steps, args, vocab, canvas):
         def end(self):
             pass
 
-    prompts = prompts_for(conc, args.prompt_len, vocab, seed=conc * 100 + steps)
-    ids = torch.tensor(prompts, dtype=torch.long)
-    streamer = FirstCanvas()
     torch.manual_seed(0)
+    tokens, wall, lat, ttfts, n = 0, 0.0, [], [], 0
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.output_len, max_denoising_steps=steps,
-                             eos_token_id=None, pad_token_id=None, streamer=streamer)
-        wall = time.perf_counter() - t0
-    seqs = out.sequences if hasattr(out, "sequences") else out
-    tokens = conc * min(args.output_len, seqs.shape[1] - args.prompt_len)
+        for b in batches(args, lambda: wall):
+            prompts = prompts_for(conc, args.prompt_len, vocab, seed=batch_seed(conc, steps, b))
+            ids = torch.tensor(prompts, dtype=torch.long)
+            streamer = FirstCanvas()
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=args.output_len, max_denoising_steps=steps,
+                                 eos_token_id=None, pad_token_id=None, streamer=streamer)
+            took = time.perf_counter() - t0
+            wall += took
+            seqs = out.sequences if hasattr(out, "sequences") else out
+            tokens += conc * min(args.output_len, seqs.shape[1] - args.prompt_len)
+            lat += [took] * conc
+            ttfts.append(streamer.first - t0 if streamer.first else None)
+            n += 1
     canv = math.ceil(args.output_len / canvas)
-    ttft = streamer.first - t0 if streamer.first else None
-    return summarize("reference", "offline", conc, steps, tokens, wall, [wall] * conc, [ttft], mem.peak,
-                     dict(canvases=canv * conc, steps_per_canvas=float(steps),
+    return summarize("reference", "offline", conc, steps, tokens, wall, lat, ttfts, mem.peak,
+                     dict(canvases=canv * conc * n, steps_per_canvas=float(steps),
                           tokens_per_forward=args.output_len / (steps * canv),
-                          time_per_canvas_s=wall / canv))
+                          time_per_canvas_s=wall / n / canv, batches=n))
 
 
 # ----------------------------------------------------------------------------- server
@@ -558,6 +583,10 @@ def main(argv=None):
                     help="cores vLLM keeps for its scheduler / front-end processes "
                          "(VLLM_CPU_NUM_OF_RESERVED_CPU) for both vLLM systems; default: vLLM's "
                          "own (1 on x86 with one rank; the worker's OpenMP threads get the rest)")
+    ap.add_argument("--min-run-s", type=float, default=1.0,
+                    help="offline: each run repeats its batch of `concurrency` requests (new prompts "
+                         "each time) until its generate time reaches this many seconds (at least "
+                         "one batch; 0: one batch, as before 2026-12-04)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="offline: run every point N times, the systems taking turns (all loaded at "
                          "once), and report the median run (default 1: one system after the other)")
@@ -678,7 +707,7 @@ def main(argv=None):
                 versions=f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
                 command=" ".join([Path(sys.executable).name, "benchmarks/bench.py", *(argv or sys.argv[1:])]),
                 geometry=args.geometry, dtype=args.dtype, prompt_len=args.prompt_len,
-                output_len=args.output_len, steps=steps_list,
+                output_len=args.output_len, steps=steps_list, min_run_s=args.min_run_s,
                 hf_overrides=args.hf_overrides_dict, alt_hf_overrides=args.alt_hf_overrides_dict, alt_env=args.alt_env_dict or None,
                 plugin_env=args.plugin_env_dict or None,
                 reserved_cpus=os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"),

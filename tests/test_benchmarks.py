@@ -27,8 +27,11 @@ def test_bench_command_writes_json_table_and_plots(tmp_path):
     assert {(x["system"], x["concurrency"]) for x in rows} == {
         (s, c) for s in ("plugin_eager", "ar", "reference") for c in (1, 2)}
     for x in rows:
-        assert x["tokens_per_s"] > 0 and x["output_tokens"] == 32 * x["concurrency"]
-        assert x["peak_rss_gb"] > 0
+        # each run repeats its batch until 1 s of generate time (--min-run-s), new prompts each
+        assert x["batches"] >= 1 and x["output_tokens"] == 32 * x["concurrency"] * x["batches"]
+        assert x["wall_s"] >= 1.0 or x["batches"] == 1
+        assert x["tokens_per_s"] > 0 and x["peak_rss_gb"] > 0
+    assert any(x["batches"] > 1 for x in rows)  # tiny requests take far less than a second
     for x in [x for x in rows if x["system"] == "plugin_eager"]:
         assert x["plugin_over_ar"] > 0 and x["plugin_over_reference"] > 0
         assert x["steps_per_canvas"] == 2.0 and x["tokens_per_forward"] == 8.0  # 16 tokens / 2 steps
@@ -58,7 +61,7 @@ def test_bench_repeat_interleaves_systems_and_reports_the_median(tmp_path):
     out = tmp_path / "bench"
     # the eager plugin: the interleaving and the median, not compilation (the test above compiles)
     cmd = ["bash", str(ROOT / "examples" / "benchmark_run.sh"), "--systems", "plugin_eager,reference",
-           "--concurrency", "2", "--repeat", "3",
+           "--concurrency", "2", "--repeat", "3", "--min-run-s", "0",  # one batch per run
            "--gpu-memory-utilization", "0.2", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -67,7 +70,7 @@ def test_bench_repeat_interleaves_systems_and_reports_the_median(tmp_path):
     for x in rows:
         runs = x["tokens_per_s_runs"]
         assert len(runs) == 3 and runs == sorted(runs) and x["tokens_per_s"] == runs[1]
-        assert x["output_tokens"] == 64
+        assert x["output_tokens"] == 64 and x["batches"] == 1
     plugin = next(x for x in rows if x["system"] == "plugin_eager")
     ref = next(x for x in rows if x["system"] == "reference")
     assert plugin["plugin_over_reference"] == plugin["tokens_per_s"] / ref["tokens_per_s"]
