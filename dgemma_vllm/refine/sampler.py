@@ -176,19 +176,22 @@ def apply_steps(states: list[CanvasState], denoiser: torch.Tensor, new_argmax: t
         groups.setdefault(st.length, []).append(i)
     noise_all = torch.randint(0, states[0].vocab_size, (o,), generator=generator) if states else None
     for n, idx in groups.items():
-        rows = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in idx])
-        den = denoiser[rows].view(-1, n)
-        am = new_argmax[rows].view(-1, n).clone()
-        en = ent[rows].view(-1, n)
-        noise = noise_all[rows].view(-1, n)
+        if len(idx) == len(states):  # one canvas length (the common case): rows in order
+            pick = lambda t: t.view(-1, n)  # noqa: E731
+        else:
+            rows = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in idx])
+            pick = lambda t, rows=rows: t[rows].view(-1, n)  # noqa: E731
+        den = pick(denoiser)
+        am = pick(new_argmax).clone()
+        en = pick(ent)
+        noise = pick(noise_all)
         bound = torch.tensor([states[i].params.entropy_bound for i in idx], dtype=en.dtype)[:, None]
         sorted_ent, order = torch.sort(en, dim=-1, descending=False)
         cum = torch.cumsum(sorted_ent, dim=-1)
         sel = cum - sorted_ent <= bound
         accepted_mask = torch.scatter(torch.zeros_like(sel), dim=-1, index=order, src=sel)
-        canvas = torch.cat([states[i].canvas for i in idx])
-        canvas = torch.where(accepted_mask, den, canvas)
-        canvas = torch.where(~accepted_mask, noise, canvas)
+        # every position is rewritten: accepted ones by their draw, the others renoised
+        canvas = torch.where(accepted_mask, den, noise)
         for b, i in enumerate(idx):
             st = states[i]
             if st.pins is not None:
