@@ -5,7 +5,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 geo = os.environ.get("GEO", "lean"); conc = int(os.environ.get("CONC", "1"))
 from dgemma_vllm.checkpoints.factory import cached_checkpoint
 from vllm import LLM, SamplingParams
-import torch
 import dgemma_vllm.refine.head as H
 import dgemma_vllm.refine.sampler as S
 from dgemma_vllm.engine.runner import DGemmaRunnerMixin as R
