@@ -65,7 +65,7 @@ def test_ends_request_agrees_with_vllms_check_stop():
     from vllm.v1.core.sched.utils import check_stop
     from vllm.v1.request import Request
 
-    from dgemma_vllm.engine.plan import ends_request
+    from dgemma_vllm.engine.plan import check_stop_ids, ends_request
 
     rng = random.Random(7)
     eos, vocab, seen = 2, 40, set()
@@ -91,8 +91,7 @@ def test_ends_request_agrees_with_vllms_check_stop():
             if check_stop(req, max_len):
                 stopped = True
                 break
-        all_stops = set(stops) | ({eos} if sp.eos_token_id is not None else set())
-        got = ends_request(ids, num_output=done, max_tokens=sp.max_tokens, stops=all_stops,
+        got = ends_request(ids, num_output=done, max_tokens=sp.max_tokens, stops=check_stop_ids(sp),
                            room=max_len - len(prompt) - done)
         assert got == stopped, (case, prompt, done, max_len, sp, ids)
         seen.add(stopped)

@@ -81,6 +81,15 @@ class StepPlan:
         return out
 
 
+def check_stop_ids(sp) -> set[int]:
+    """The ids on which vLLM's ``check_stop`` ends a request: its sampling parameters'
+    ``stop_token_ids`` and ``eos_token_id`` (None under ``ignore_eos``)."""
+    stops = set(sp.stop_token_ids or ())
+    if sp.eos_token_id is not None:
+        stops.add(sp.eos_token_id)
+    return stops
+
+
 def ends_request(ids, *, num_output: int, max_tokens: int | None, stops, room: int) -> bool:
     """Whether committing `ids` ends the request, by the rules of vLLM's ``check_stop``
     (v1/core/sched/utils.py): ``max_tokens`` reached (`num_output`: output tokens committed so

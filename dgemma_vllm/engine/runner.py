@@ -42,7 +42,7 @@ from dgemma_vllm.refine.sampler import CanvasState, temperature
 from . import vllm_api as V
 from .grammars import backend_for, matcher_for
 from .plan import (COMMIT, DENOISE, FUSED, IDLE, LAST, PREFILL, RowPlan, RowView, StepPlan,
-                   ends_request, plan_step)
+                   check_stop_ids, ends_request, plan_step)
 from .config import (canvas_length_of, canvas_positions, head_budget, head_compile, head_tile,
                      plugin_options, seeded_noise)
 
@@ -797,13 +797,11 @@ class DGemmaRunnerMixin:
         if not self.dg_fuse or st.commit is None:
             return False
         sp = self.requests[req_id].sampling_params
-        stops = set(sp.stop_token_ids or ())  # as the scheduler's, vLLM's check_stop
-        if sp.eos_token_id is not None:
-            stops.add(sp.eos_token_id)
         ib = self.input_batch
         done = int(ib.num_tokens_no_spec[row])  # committed tokens: prompt + output
         return ends_request(st.commit.tolist(), num_output=done - int(ib.num_prompt_tokens[row]),
-                            max_tokens=sp.max_tokens, stops=stops, room=self.max_model_len - done)
+                            max_tokens=sp.max_tokens, stops=check_stop_ids(sp),
+                            room=self.max_model_len - done)
 
     def _dg_wants_lp(self, req_id: str) -> bool:
         return self.requests[req_id].sampling_params.logprobs is not None

@@ -26,7 +26,7 @@ from __future__ import annotations
 from . import vllm_api as V
 from .config import canvas_length_of, canvas_positions, plugin_options
 from .metrics import RefinementMetrics
-from .plan import ends_request
+from .plan import check_stop_ids, ends_request
 
 PLACEHOLDER_ID = 0  # any valid id: the runner overwrites canvas ids before the forward
 
@@ -118,12 +118,9 @@ class DGemmaScheduler(V.Scheduler):
         step. Stop strings and repetition checks are not foreseen here; a request they end
         wastes the fused canvas rows of that one step."""
         sp = req.sampling_params
-        stops = set(sp.stop_token_ids or ())  # as vLLM's check_stop
-        if sp.eos_token_id is not None:
-            stops.add(sp.eos_token_id)
         room = self.max_model_len - req.num_tokens
         if ends_request(ids, num_output=req.num_output_tokens, max_tokens=req.max_tokens,
-                        stops=stops, room=room):
+                        stops=check_stop_ids(sp), room=room):
             return 0
         return canvas_positions(sp.extra_args, self.canvas_length, room - len(ids))
 
