@@ -385,7 +385,7 @@ def test_tile_stats_is_the_eager_passes_and_compiles_to_the_same_tokens():
     assert torch.equal(got[0], eager[0]) and torch.equal(got[2], eager[2])
     from dgemma_vllm.refine.head import softcap_fast_  # unseeded rows' softcap, the same split
 
-    assert torch.equal(fused(raw.clone(), CAP, sched, fast=True)[0],
+    assert torch.equal(fused(raw.clone(), CAP, sched, capping=softcap_fast_)[0],
                        softcap_fast_(raw.clone(), CAP).div_(sched))
     for a, b in zip(got, eager):
         if a.is_floating_point():

@@ -464,8 +464,8 @@ def compiled_tile_stats(softcap: float, dtype: torch.dtype = torch.float32, warm
     try:
         rest = torch.compile(tile_rest, dynamic=True)
 
-        def fn(raw, cap, sched_t, fast=False):  # fast: softcap_fast_ (unseeded rows)
-            return rest((softcap_fast_ if fast else softcap_)(raw, cap).div_(sched_t))
+        def fn(raw, cap, sched_t, capping=softcap_):  # capping: the rows' softcap function
+            return rest(capping(raw, cap).div_(sched_t))
 
         with torch.no_grad():
             fn(torch.randn(warm_rows, warm_cols, dtype=dtype, device=device), softcap,
@@ -533,7 +533,7 @@ def _tiled_chunk(h, vs, cols, softcap, sched_t, temperature, flags=None, *, gene
         emb = _soft_product(vs, c0, c1) if want_soft else None
         cdf = None
         if vs.tile_stats is not None and not keep_logits and noise is None and not edits:
-            z, mz, iz, e, s_, d_, cdf = vs.tile_stats(raw, softcap, sched_t, fast=not exact_noise)
+            z, mz, iz, e, s_, d_, cdf = vs.tile_stats(raw, softcap, sched_t, capping=cap)
             stats.add_sums(mz, s_, d_, e, emb if soft_stats is None else None)
         else:
             logits = cap(raw, softcap)
