@@ -204,22 +204,22 @@ def test_canvas_window_plan_gathers_each_canvas_prefix_window():
                          query_start_loc=torch.tensor(qsl, dtype=torch.int32),
                          seq_lens=torch.tensor(seq, dtype=torch.int32), block_table=bt)
     plan = A.canvas_window_plan(md, w, bs)
-    by_c = {c: (rows, slots, keep) for c, rows, slots, keep in plan}
+    by_c = {c: (rows, slots, bias) for c, rows, slots, bias in plan}
     assert sorted(by_c) == [3, 4]
-    rows, slots, keep = by_c[4]  # sequences 0 and 3 (2 fits the window, 1 is causal)
+    rows, slots, bias = by_c[4]  # sequences 0 and 3 (2 fits the window, 1 is causal)
     assert rows.tolist() == list(range(qsl[0], qsl[1])) + list(range(qsl[3], qsl[4]))
-    n = keep.shape[-1] - 4
-    assert n == w - 1 and keep.shape == (2, 1, 1, n + 4)
+    n = bias.shape[-1] - 4
+    assert n == w - 1 and bias.shape == (2, 1, n + 4) and bias.dtype == torch.float32
     for j, i in enumerate([0, 3]):
         lo = max(0, prefixes[i] - w + 1)
         want = A._kv_slots(SimpleNamespace(block_table=bt), i, torch.arange(lo, prefixes[i]), bs)
         cnt = prefixes[i] - lo
-        assert keep[j, 0, 0, :n].tolist() == [True] * cnt + [False] * (n - cnt)
-        assert keep[j, 0, 0, n:].all()
+        assert bias[j, 0, :n].tolist() == [0.0] * cnt + [float("-inf")] * (n - cnt)
+        assert (bias[j, 0, n:] == 0).all()
         assert slots.view(2, n)[j, :cnt].tolist() == want.tolist()
-    rows, slots, keep = by_c[3]
+    rows, slots, bias = by_c[3]
     # one canvas (adjacent to nothing): its rows as a slice, read as views by the recompute
-    assert rows == slice(qsl[4], qsl[5]) and keep.all() and keep.shape[-1] == 7 + 3
+    assert rows == slice(qsl[4], qsl[5]) and (bias == 0).all() and bias.shape[-1] == 7 + 3
     # a batch of canvases alone, adjacent in the batch: one slice over all their rows
     md2 = SimpleNamespace(dynamic_causal=torch.zeros(2, dtype=torch.int32),
                           query_start_loc=torch.tensor([0, 4, 8], dtype=torch.int32),
@@ -284,8 +284,7 @@ def test_window_attention_equals_sdpa_with_gqa_and_a_key_mask(b, c, heads, kv_he
     assert got.shape == want.shape
     assert float((got - want).abs().max()) < 1e-5
     if 1 < kv_heads < heads:
-        rep = heads // kv_heads
         slip = torch.arange(heads) % kv_heads
         wrong = sdpa(q.transpose(1, 2), k[:, :, slip].transpose(1, 2), v[:, :, slip].transpose(1, 2),
                      attn_mask=keep[:, None, None], scale=d ** -0.5).transpose(1, 2)
-        assert rep > 1 and float((got - wrong).abs().max()) > 1e-2
+        assert float((got - wrong).abs().max()) > 1e-2

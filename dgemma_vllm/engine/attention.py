@@ -181,12 +181,13 @@ def canvas_window_plan(md, window: int, block_size: int):
     group and layer instead of a dozen ops per canvas and layer). Built once per step and KV-cache
     group (the metadata builder), read by every sliding layer of the group.
 
-    Per group: ``(c, rows, slots, keep)``: ``rows`` the ``[B * c]`` query rows (flat, canvas by
+    Per group: ``(c, rows, slots, bias)``: ``rows`` the ``[B * c]`` query rows (flat, canvas by
     canvas; a slice when the canvases are adjacent in the batch, as in a batch of canvases alone:
     views instead of three gathers and a scatter per layer), ``slots`` the ``[B * n]`` paged-cache
     slots of each canvas's prefix keys (the last ``W - 1`` cached tokens, ``n`` the longest such
-    prefix; shorter ones are padded with their first slot), ``keep`` the ``[B, 1, 1, n + c]`` key
-    mask (prefix keys that exist, then the canvas's own). A canvas whose prefix and canvas fit in the window is left out (the kernel's
+    prefix; shorter ones are padded with their first slot), ``bias`` the float32 ``[B, 1, n + c]``
+    additive key mask for ``window_attention`` (0 for prefix keys that exist and the canvas's own,
+    -inf for padding). A canvas whose prefix and canvas fit in the window is left out (the kernel's
     symmetric window already sees every key). None when no canvas needs the recompute."""
     if md.dynamic_causal is None:
         return None
@@ -222,25 +223,15 @@ def canvas_window_plan(md, window: int, block_size: int):
         pos = torch.tensor(starts)[:, None] + torch.where(j < cnt, j, 0)  # [B, n]
         bt = md.block_table[torch.tensor([i for i, _, _ in seqs])].long()  # [B, blocks]
         slots = (bt.gather(1, pos // block_size) * block_size + pos % block_size).flatten()
-        keep = torch.cat([j < cnt, torch.ones(b, c, dtype=torch.bool)], 1)[:, None, None, :]
-        groups.append((c, rows, slots, keep))
+        keep = torch.cat([j < cnt, torch.ones(b, c, dtype=torch.bool)], 1)[:, None, :]
+        bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, float("-inf"))
+        groups.append((c, rows, slots, bias))
     return groups
 
 
 def _kv_slots(md, i: int, pos: torch.Tensor, bs: int) -> torch.Tensor:
     bt = md.block_table[i]
     return bt[pos // bs].long() * bs + pos % bs
-
-
-def _key_bias(md, j: int, keep: torch.Tensor) -> torch.Tensor:
-    """Group `j`'s key mask as an additive float32 ``[B, 1, n + c]`` bias (0 kept, -inf not),
-    built by the step's first sliding layer and reused by the others."""
-    memo = md.__dict__.setdefault("dg_window_bias", {})
-    if j not in memo:
-        memo[j] = torch.zeros(keep.shape[0], 1, keep.shape[-1], dtype=torch.float32,
-                              device=keep.device).masked_fill_(~keep.view(keep.shape[0], 1, -1),
-                                                               float("-inf"))
-    return memo[j]
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -275,7 +266,7 @@ def window_covers_all(md) -> bool:
     groups = getattr(md, "dg_canvas_window", None)
     if not groups or getattr(md, "dg_images", None):
         return False
-    return sum(c * keep.shape[0] for c, _, _, keep in groups) == md.num_actual_tokens
+    return sum(c * bias.shape[0] for c, _, _, bias in groups) == md.num_actual_tokens
 
 
 class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -366,8 +357,8 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             if index is None:
                 index = memo[geo] = [kv_element_index(g[2], k_pos, v_pos, h, *geo[-2:])
                                      for g in md.dg_canvas_window]
-        for j, (c, rows, slots, keep) in enumerate(md.dg_canvas_window):
-            b = keep.shape[0]
+        for j, (c, rows, slots, bias) in enumerate(md.dg_canvas_window):
+            b = bias.shape[0]
             if flat is not None:
                 kvp = flat.index_select(0, index[j]).view(2, b, -1, hk, d)
                 kp, vp = kvp[0], kvp[1]  # [B, n, kv_heads, d]
@@ -377,7 +368,7 @@ class DGemmaCPUAttentionImpl(CPUAttentionBackendImpl):
             k = torch.cat([kp, key[rows].view(b, c, hk, d)], 1)  # [B, n + c, kv_heads, d]
             v = torch.cat([vp, value[rows].view(b, c, hk, d)], 1)
             o = window_attention(query[rows].view(b, c, self.num_heads, d), k, v,
-                                 _key_bias(md, j, keep), self.scale)
+                                 bias, self.scale)
             out[rows] = o.reshape(b * c, *out.shape[1:]).to(out.dtype)
 
     def _fix_canvas_rows_each(self, layer, query, key, value, kv_cache, md, out):
